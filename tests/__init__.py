@@ -1,0 +1,1 @@
+"""Tests of localrefine (run with pytest; Scipion's runner finds the protocol tests)."""
