@@ -1,0 +1,362 @@
+"""Forward model: central slices of a padded 3D Fourier transform.
+
+Conventions (``docs/conventions.md``)
+-------------------------------------
+* Maps are ``(N, N, N)`` arrays ``[z, y, x]`` with the centre at ``N // 2``.
+* Image frequency ``(kx, ky)`` (cycles per box) of a particle at rotation ``A``
+  samples the map's transform at ``A.T @ (kx, ky, 0)``, i.e. at
+  ``kx * A[0] + ky * A[1]`` (rows of ``A``).
+* Projections come out in the image Fourier layout of :mod:`.fourier`
+  (``rfft2(ifftshift(img))``, unnormalised), equal to the transform of the
+  real-space projection that sums voxels along z.
+
+Padded Fourier volume layout (mirrored by the GPU kernels)
+----------------------------------------------------------
+``FourierProjector.data`` is a complex64 array of shape
+``(2 c + 2, 2 c + 2, c + 2)`` with ``c = padding * r_max_px``. Element
+``data[z + c, y + c, x]`` holds the transform of the zero-padded map (box
+``padding * N``) at the padded integer frequency ``(x, y, z)``, for
+``x = 0 .. c`` and ``y, z = -c .. c``; the last index on every axis
+(``2 c + 1`` or ``c + 1``) is a zero guard so that the ``+1`` neighbour of
+trilinear interpolation never leaves the array. Coefficients beyond radius
+``c`` are zero. Points with ``x < 0`` are read as the complex conjugate at
+``-q`` (Friedel symmetry of a real map).
+
+A padded-grid frequency ``q`` is ``padding`` times the unpadded frequency
+``k``; the transform of the padded map at ``q = padding * k`` equals the
+transform of the unpadded map at ``k`` (same phase ``k . x / N``), so no
+normalisation is needed.
+
+Gridding correction
+-------------------
+Trilinear interpolation in Fourier space multiplies the real-space map by the
+transform of the tent kernel, ``sinc^2(x / Np) sinc^2(y / Np) sinc^2(z / Np)``
+(``Np = padding * N``, ``sinc(t) = sin(pi t) / (pi t)``). The map is divided by
+this before the transform, as RELION's ``Projector::computeFourierTransformMap``
+does for trilinear interpolation (RELION divides by the radial
+``sinc^2(r / Np)``; we use the separable product, which is the exact transform
+of the trilinear kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .fourier import frequency_grid_2d, shift_phases_2d
+
+__all__ = [
+    "FourierProjector",
+    "forward_model",
+    "gridding_correction_1d",
+    "slice_coordinates",
+    "trilinear_corners",
+]
+
+log = logging.getLogger(__name__)
+
+
+def gridding_correction_1d(n: int, padding: int) -> np.ndarray:
+    """``sinc^2((i - n // 2) / (padding * n))`` for ``i = 0 .. n - 1`` (float64).
+
+    The transform of the 1D tent kernel of linear interpolation on a Fourier
+    grid of ``padding * n`` points, at real-space pixel ``i`` of an ``n`` box
+    centred at ``n // 2``. The 3D correction is the outer product over axes.
+    """
+    x = (np.arange(n) - n // 2) / float(padding * n)
+    return np.sinc(x) ** 2  # np.sinc(t) = sin(pi t) / (pi t)
+
+
+def slice_coordinates(
+    rotations: np.ndarray, kx: np.ndarray, ky: np.ndarray
+) -> np.ndarray:
+    """3D frequencies ``A.T @ (kx, ky, 0)`` of image pixels, in cycles per box.
+
+    Parameters
+    ----------
+    rotations : ndarray, shape (m, 3, 3)
+        RELION matrices ``A`` (ZYZ Euler convention, docs/conventions.md).
+    kx, ky : ndarray, shape (P,)
+        Image frequencies of the pixels (cycles per box).
+
+    Returns
+    -------
+    ndarray, shape (m, P, 3), float64
+        ``(x, y, z)`` frequency of the map sampled by each pixel.
+    """
+    a = np.asarray(rotations, dtype=np.float64)
+    kx = np.asarray(kx, dtype=np.float64)
+    ky = np.asarray(ky, dtype=np.float64)
+    # A.T @ (kx, ky, 0) = kx * A[0, :] + ky * A[1, :]
+    return (
+        kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :]
+    )  # (m, P, 3)
+
+
+def trilinear_corners(
+    q: np.ndarray, c: int, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat indices and weights of the 8 trilinear neighbours in the padded layout.
+
+    Parameters
+    ----------
+    q : ndarray, shape (..., 3), float64
+        Padded-grid frequencies ``(x, y, z)``, ``|q| <= c``.
+    c : int
+        Radius of the layout (see the module docstring).
+    shape : tuple
+        Shape of the padded array ``(2 c + 2, 2 c + 2, c + 2)``.
+
+    Returns
+    -------
+    index : ndarray, shape (8, ...), int64
+        Flat indices into the padded array (points with ``x < 0`` mirrored).
+    weight : ndarray, shape (8, ...), float64
+        Trilinear weights (sum to 1 over the 8 corners).
+    conj : ndarray, shape (...), bool
+        True where the point was mirrored (``x < 0``): read or write the
+        complex conjugate there.
+    """
+    conj = q[..., 0] < 0
+    q = np.where(conj[..., None], -q, q)
+    fl = np.floor(q)
+    f = q - fl  # fractional parts, (..., 3)
+    i0 = fl.astype(np.int64)
+    ix = i0[..., 0]
+    iy = i0[..., 1] + c
+    iz = i0[..., 2] + c
+    # guard against |q| slightly above c from rounding: clip into the array
+    ix = np.clip(ix, 0, shape[2] - 2)
+    iy = np.clip(iy, 0, shape[1] - 2)
+    iz = np.clip(iz, 0, shape[0] - 2)
+    sy, sz = shape[2], shape[1] * shape[2]
+    base = iz * sz + iy * sy + ix
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    index = np.stack(
+        [
+            base,
+            base + 1,
+            base + sy,
+            base + sy + 1,
+            base + sz,
+            base + sz + 1,
+            base + sz + sy,
+            base + sz + sy + 1,
+        ]
+    )
+    weight = np.stack(
+        [
+            gz * gy * gx,
+            gz * gy * fx,
+            gz * fy * gx,
+            gz * fy * fx,
+            fz * gy * gx,
+            fz * gy * fx,
+            fz * fy * gx,
+            fz * fy * fx,
+        ]
+    )
+    return index, weight, conj
+
+
+def _pixels_within(
+    n: int, r_max_px: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat indices and frequencies of half-plane pixels with radius <= r_max_px."""
+    kx, ky = frequency_grid_2d(n)
+    inside = (kx * kx + ky * ky <= r_max_px * r_max_px).ravel()
+    flat = np.flatnonzero(inside)
+    return flat, kx.ravel()[flat], ky.ravel()[flat]
+
+
+class FourierProjector:
+    """Central-slice projector of a real map with padding and trilinear interpolation.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (N, N, N), float32 or float64
+        The map ``[z, y, x]``, centre at ``N // 2``, in any density unit.
+    padding : int
+        Oversampling factor of the Fourier grid (RELION's default 2).
+    r_max_px : float, optional
+        Largest frequency kept (cycles per box, unpadded). Default ``N // 2``
+        (Nyquist). A smaller value shrinks :attr:`data`.
+
+    Attributes
+    ----------
+    n : int
+        Box size ``N``.
+    padding : int
+    r_max_px : float
+    c : int
+        ``ceil(padding * r_max_px)``: radius of the padded layout.
+    data : ndarray, shape (2 c + 2, 2 c + 2, c + 2), complex64
+        Padded half-space transform, layout in the module docstring. Read-only.
+    dtype : numpy dtype
+        complex64 for float32 maps, complex128 for float64 maps.
+    """
+
+    def __init__(
+        self, volume: np.ndarray, *, padding: int = 2, r_max_px: float | None = None
+    ) -> None:
+        volume = np.asarray(volume)
+        if volume.ndim != 3 or len(set(volume.shape)) != 1:
+            raise ValueError(
+                f"volume must be a cubic (N, N, N) array; got shape {volume.shape}"
+            )
+        if not np.issubdtype(volume.dtype, np.floating):
+            raise TypeError(f"volume must be float32 or float64; got {volume.dtype}")
+        if int(padding) != padding or padding < 1:
+            raise ValueError(f"padding must be a positive integer; got {padding}")
+        n = volume.shape[0]
+        self.n = n
+        self.padding = int(padding)
+        self.r_max_px = float(n // 2 if r_max_px is None else min(r_max_px, n // 2))
+        self.c = int(np.ceil(self.padding * self.r_max_px))
+        self.dtype = np.result_type(volume.dtype, np.complex64)
+        self.data = self._padded_transform(volume)
+        self.data.flags.writeable = False
+
+    def _padded_transform(self, volume: np.ndarray) -> np.ndarray:
+        n, p, c = self.n, self.padding, self.c
+        npad = p * n
+        real = np.float32 if self.dtype == np.complex64 else np.float64
+        g = gridding_correction_1d(n, p)
+        corrected = volume / (g[:, None, None] * g[None, :, None] * g[None, None, :])
+        padded = np.zeros((npad,) * 3, dtype=real)
+        start = npad // 2 - n // 2
+        padded[start : start + n, start : start + n, start : start + n] = corrected
+        f = np.fft.rfftn(np.fft.ifftshift(padded))  # (npad, npad, npad//2+1)
+        del padded
+        # gather frequencies -c..c on z, y (FFT order) and 0..c on x
+        k = np.arange(-c, c + 1)
+        out = np.zeros((2 * c + 2, 2 * c + 2, c + 2), dtype=self.dtype)
+        out[: 2 * c + 1, : 2 * c + 1, : c + 1] = f[np.ix_(k % npad, k % npad, k[c:])]
+        kz, ky, kx = np.meshgrid(k, k, k[c:], indexing="ij")
+        outside = kx * kx + ky * ky + kz * kz > (p * self.r_max_px) ** 2
+        out[: 2 * c + 1, : 2 * c + 1, : c + 1][outside] = 0
+        return out
+
+    def sample(self, freqs: np.ndarray) -> np.ndarray:
+        """Trilinear interpolation of the map's transform at 3D frequencies.
+
+        Parameters
+        ----------
+        freqs : ndarray, shape (..., 3), float64
+            ``(x, y, z)`` frequencies in cycles per (unpadded) box, e.g. from
+            :func:`slice_coordinates`. Points beyond ``r_max_px`` read zero.
+
+        Returns
+        -------
+        ndarray, shape (...), complex64 (complex128 for a float64 map)
+        """
+        q = np.asarray(freqs, dtype=np.float64) * self.padding
+        outside = np.einsum("...i,...i->...", q, q) > float(self.c) ** 2
+        q = np.where(outside[..., None], 0.0, q)
+        index, weight, conj = trilinear_corners(q, self.c, self.data.shape)
+        flat = self.data.reshape(-1)
+        wdt = np.float32 if self.dtype == np.complex64 else np.float64
+        weight = weight.astype(wdt)
+        value = flat[index[0]] * weight[0]
+        for j in range(1, 8):
+            value += flat[index[j]] * weight[j]
+        value = np.where(conj, np.conj(value), value)
+        value[outside] = 0
+        return value
+
+    def project_pixels(
+        self, rotations: np.ndarray, kx: np.ndarray, ky: np.ndarray
+    ) -> np.ndarray:
+        """Central-slice values at chosen image frequencies only.
+
+        Parameters
+        ----------
+        rotations : ndarray, shape (m, 3, 3)
+            RELION matrices ``A``.
+        kx, ky : ndarray, shape (P,)
+            Image frequencies (cycles per box) of the pixels wanted.
+
+        Returns
+        -------
+        ndarray, shape (m, P), complex64 (complex128 for a float64 map)
+        """
+        return self.sample(slice_coordinates(rotations, kx, ky))
+
+    def project(
+        self,
+        rotations: np.ndarray,
+        *,
+        r_max_px: float | None = None,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """Projections along z of the map rotated by ``rotations``, in Fourier space.
+
+        Parameters
+        ----------
+        rotations : ndarray, shape (m, 3, 3) or (3, 3)
+            RELION matrices ``A`` (map -> image coordinates).
+        r_max_px : float, optional
+            Zero beyond this radius (cycles per box). Default and upper limit:
+            the projector's ``r_max_px``.
+        batch_size : int
+            Images interpolated at once (memory versus speed).
+
+        Returns
+        -------
+        ndarray, shape (m, N, N//2+1) (or (N, N//2+1) for one matrix)
+            ``image_to_fourier`` of the real-space projection (sum along z, pixel
+            units, centre at ``N // 2``). complex64 for a float32 map.
+        """
+        rotations = np.asarray(rotations, dtype=np.float64)
+        single = rotations.ndim == 2
+        rotations = rotations.reshape(-1, 3, 3)
+        n = self.n
+        r = self.r_max_px if r_max_px is None else min(float(r_max_px), self.r_max_px)
+        flat, kx, ky = _pixels_within(n, r)
+        m = rotations.shape[0]
+        out = np.zeros((m, n * (n // 2 + 1)), dtype=self.dtype)
+        for start in range(0, m, batch_size):
+            stop = min(start + batch_size, m)
+            out[start:stop, flat] = self.project_pixels(rotations[start:stop], kx, ky)
+        out = out.reshape(m, n, n // 2 + 1)
+        return out[0] if single else out
+
+
+def forward_model(
+    projector: FourierProjector,
+    rotations: np.ndarray,
+    *,
+    origins_px: np.ndarray | None = None,
+    ctf: np.ndarray | None = None,
+    r_max_px: float | None = None,
+) -> np.ndarray:
+    """Particle images predicted by the map: ``CTF * shift(project(A), +origin)``.
+
+    Parameters
+    ----------
+    projector : FourierProjector
+    rotations : ndarray, shape (m, 3, 3)
+        RELION matrices ``A``.
+    origins_px : ndarray, shape (m, 2), optional
+        ``(x, y)`` origins in pixels (RELION's ``rlnOriginX/Y``; Angstrom values
+        divided by the pixel size); positive moves the content to larger x, y.
+    ctf : ndarray, shape (m, N, N//2+1) or (N, N//2+1), optional
+        CTF on the half-plane grid (:func:`.ctf.ctf_2d`).
+    r_max_px : float, optional
+        Zero beyond this radius (cycles per box).
+
+    Returns
+    -------
+    ndarray, shape (m, N, N//2+1)
+        In the image Fourier layout; ``fourier_to_image(result, N)`` gives the
+        real-space images.
+    """
+    f = projector.project(np.asarray(rotations).reshape(-1, 3, 3), r_max_px=r_max_px)
+    if origins_px is not None:
+        origins = np.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
+        f *= shift_phases_2d(projector.n, origins, dtype=f.dtype)
+    if ctf is not None:
+        f *= np.asarray(ctf).astype(f.real.dtype, copy=False)
+    return f
