@@ -35,13 +35,19 @@ def relion_bin():
 @pytest.fixture(scope="session")
 def structures_dir() -> Path:
     """``../shared/structures`` beside the repository (or $LOCALREFINE_STRUCTURES)."""
-    path = Path(os.environ.get("LOCALREFINE_STRUCTURES", REPO_ROOT.parent / "shared" / "structures"))
+    path = Path(
+        os.environ.get(
+            "LOCALREFINE_STRUCTURES", REPO_ROOT.parent / "shared" / "structures"
+        )
+    )
     if not (path / "1hzh_igg1_b12.pdb").is_file():
         _missing("structures", f"real structures not found in {path}")
     return path
 
 
-def blob_map(n: int, *, seed: int = 0, n_blobs: int = 40, sigma_px: float = 1.5) -> np.ndarray:
+def blob_map(
+    n: int, *, seed: int = 0, n_blobs: int = 40, sigma_px: float = 1.5
+) -> np.ndarray:
     """A deterministic test map (N, N, N) float32: Gaussian blobs inside a sphere.
 
     Blobs lie within radius ``0.3 N`` of the centre ``N // 2``; the map is smooth
@@ -58,7 +64,9 @@ def blob_map(n: int, *, seed: int = 0, n_blobs: int = 40, sigma_px: float = 1.5)
     vol = np.zeros((n, n, n), dtype=np.float64)
     for px, py, pz in centres:
         amp = rng.uniform(0.5, 1.5)
-        vol += amp * np.exp(-((x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2) / (2 * sigma_px**2))
+        vol += amp * np.exp(
+            -((x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2) / (2 * sigma_px**2)
+        )
     return vol.astype(np.float32)
 
 

@@ -51,7 +51,9 @@ def electron_wavelength_a(voltage_kv) -> np.ndarray:
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def ctf_2d(params: CtfParams, n: int, pixel_size_a: float, dtype=np.float32) -> np.ndarray:
+def ctf_2d(
+    params: CtfParams, n: int, pixel_size_a: float, dtype=np.float32
+) -> np.ndarray:
     """CTF on the half-plane Fourier grid (see :mod:`.fourier`).
 
     Parameters
@@ -71,8 +73,15 @@ def ctf_2d(params: CtfParams, n: int, pixel_size_a: float, dtype=np.float32) -> 
         *(
             np.asarray(getattr(params, name), dtype=np.float64)
             for name in (
-                "defocus_u_a", "defocus_v_a", "defocus_angle_deg", "voltage_kv",
-                "cs_mm", "amplitude_contrast", "phase_shift_deg", "bfactor_a2", "scale",
+                "defocus_u_a",
+                "defocus_v_a",
+                "defocus_angle_deg",
+                "voltage_kv",
+                "cs_mm",
+                "amplitude_contrast",
+                "phase_shift_deg",
+                "bfactor_a2",
+                "scale",
             )
         )
     )
@@ -81,7 +90,9 @@ def ctf_2d(params: CtfParams, n: int, pixel_size_a: float, dtype=np.float32) -> 
     sx, sy = kx / (n * pixel_size_a), ky / (n * pixel_size_a)  # 1/Angstrom
     u2 = sx * sx + sy * sy
     lam = electron_wavelength_a(kv)
-    defocus = -(du + dv) / 2 - (du - dv) / 2 * np.cos(2 * (np.arctan2(sy, sx) - np.deg2rad(ang)))
+    defocus = -(du + dv) / 2 - (du - dv) / 2 * np.cos(
+        2 * (np.arctan2(sy, sx) - np.deg2rad(ang))
+    )
     chi = (
         np.pi * lam * defocus * u2
         + np.pi / 2 * (cs * 1e7) * lam**3 * u2 * u2

@@ -38,7 +38,10 @@ def euler_to_matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
     Inputs broadcast against each other; the result is float64.
     """
     rot, tilt, psi = np.broadcast_arrays(
-        *(np.deg2rad(np.asarray(a, dtype=np.float64)) for a in (rot_deg, tilt_deg, psi_deg))
+        *(
+            np.deg2rad(np.asarray(a, dtype=np.float64))
+            for a in (rot_deg, tilt_deg, psi_deg)
+        )
     )
     ca, sa = np.cos(rot), np.sin(rot)
     cb, sb = np.cos(tilt), np.sin(tilt)
@@ -72,7 +75,9 @@ def matrix_to_euler(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         regular,
         np.arctan2(a[..., 1, 2], -a[..., 0, 2]),
         # gimbal lock: A = Rz(psi) Ry(0 or 180) with rot = 0
-        np.arctan2(-a[..., 1, 0] * np.sign(a[..., 2, 2]), a[..., 0, 0] * np.sign(a[..., 2, 2])),
+        np.arctan2(
+            -a[..., 1, 0] * np.sign(a[..., 2, 2]), a[..., 0, 0] * np.sign(a[..., 2, 2])
+        ),
     )
     return np.rad2deg(rot), np.rad2deg(tilt), np.rad2deg(psi)
 
@@ -86,19 +91,50 @@ def matrix_to_quaternion(a: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(a, dtype=np.float64)
     r = {(i, j): a[..., i, j] for i in range(3) for j in range(3)}
-    k = np.stack(
-        [
-            np.stack([r[0, 0] - r[1, 1] - r[2, 2], r[1, 0] + r[0, 1],
-                      r[2, 0] + r[0, 2], r[2, 1] - r[1, 2]], -1),
-            np.stack([r[1, 0] + r[0, 1], r[1, 1] - r[0, 0] - r[2, 2],
-                      r[2, 1] + r[1, 2], r[0, 2] - r[2, 0]], -1),
-            np.stack([r[2, 0] + r[0, 2], r[2, 1] + r[1, 2],
-                      r[2, 2] - r[0, 0] - r[1, 1], r[1, 0] - r[0, 1]], -1),
-            np.stack([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0],
-                      r[1, 0] - r[0, 1], r[0, 0] + r[1, 1] + r[2, 2]], -1),
-        ],
-        axis=-2,
-    ) / 3.0  # (..., 4, 4), eigenvector ordered (x, y, z, w)
+    k = (
+        np.stack(
+            [
+                np.stack(
+                    [
+                        r[0, 0] - r[1, 1] - r[2, 2],
+                        r[1, 0] + r[0, 1],
+                        r[2, 0] + r[0, 2],
+                        r[2, 1] - r[1, 2],
+                    ],
+                    -1,
+                ),
+                np.stack(
+                    [
+                        r[1, 0] + r[0, 1],
+                        r[1, 1] - r[0, 0] - r[2, 2],
+                        r[2, 1] + r[1, 2],
+                        r[0, 2] - r[2, 0],
+                    ],
+                    -1,
+                ),
+                np.stack(
+                    [
+                        r[2, 0] + r[0, 2],
+                        r[2, 1] + r[1, 2],
+                        r[2, 2] - r[0, 0] - r[1, 1],
+                        r[1, 0] - r[0, 1],
+                    ],
+                    -1,
+                ),
+                np.stack(
+                    [
+                        r[2, 1] - r[1, 2],
+                        r[0, 2] - r[2, 0],
+                        r[1, 0] - r[0, 1],
+                        r[0, 0] + r[1, 1] + r[2, 2],
+                    ],
+                    -1,
+                ),
+            ],
+            axis=-2,
+        )
+        / 3.0
+    )  # (..., 4, 4), eigenvector ordered (x, y, z, w)
     _, vecs = np.linalg.eigh(k)
     xyzw = vecs[..., :, -1]
     q = np.concatenate([xyzw[..., 3:], xyzw[..., :3]], axis=-1)
@@ -139,11 +175,17 @@ def axis_angle_to_matrix(axis: np.ndarray, angle_deg) -> np.ndarray:
     axis = np.asarray(axis, dtype=np.float64)
     axis = axis / np.linalg.norm(axis, axis=-1, keepdims=True)
     half = np.deg2rad(np.asarray(angle_deg, dtype=np.float64)) / 2
-    q = np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis], axis=-1)
+    half, axis = np.broadcast_arrays(half[..., None], axis)
+    half = half[..., 0]
+    q = np.concatenate(
+        [np.cos(half)[..., None], np.sin(half)[..., None] * axis], axis=-1
+    )
     return quaternion_to_matrix(q)
 
 
-def fulcrum_shift(a_new: np.ndarray, a_old: np.ndarray, fulcrum_px: np.ndarray) -> np.ndarray:
+def fulcrum_shift(
+    a_new: np.ndarray, a_old: np.ndarray, fulcrum_px: np.ndarray
+) -> np.ndarray:
     """Image shift (pixels, x and y) that makes a pose change pivot about a fulcrum.
 
     Parameters
@@ -164,4 +206,6 @@ def fulcrum_shift(a_new: np.ndarray, a_old: np.ndarray, fulcrum_px: np.ndarray) 
         pose ``a_new`` with origin ``origin_old - fulcrum_shift(...)``.
     """
     d = np.asarray(a_new) - np.asarray(a_old)
-    return np.einsum("...ij,j->...i", d, np.asarray(fulcrum_px, dtype=np.float64))[..., :2]
+    return np.einsum("...ij,j->...i", d, np.asarray(fulcrum_px, dtype=np.float64))[
+        ..., :2
+    ]

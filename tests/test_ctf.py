@@ -1,0 +1,81 @@
+"""CTF: analytic values of RELION's formula (the full check is against relion_project)."""
+
+import numpy as np
+import pytest
+
+from localrefine_plugin.engine.ctf import CtfParams, ctf_2d, electron_wavelength_a
+from localrefine_plugin.engine.fourier import frequency_grid_2d
+
+
+def test_wavelength_at_300_and_200_kv():
+    # textbook relativistic wavelengths: 1.9687 pm at 300 kV, 2.5079 pm at 200 kV
+    assert electron_wavelength_a(300) == pytest.approx(0.019687, abs=2e-6)
+    assert electron_wavelength_a(200) == pytest.approx(0.025079, abs=2e-6)
+
+
+def test_zero_frequency_equals_amplitude_contrast():
+    c = ctf_2d(
+        CtfParams(15000.0, 15000.0, 0.0, amplitude_contrast=0.07),
+        64,
+        1.0,
+        dtype=np.float64,
+    )
+    assert c[0, 0] == pytest.approx(0.07, abs=1e-12)
+
+
+def test_first_zero_of_a_pure_phase_ctf():
+    # Cs = 0, Q = 0: CTF = -sin(-pi lambda dF u^2) vanishes at u^2 = 1 / (lambda dF)
+    n, apix, df = 256, 1.0, 20000.0
+    c = ctf_2d(
+        CtfParams(df, df, 0.0, cs_mm=0.0, amplitude_contrast=0.0),
+        n,
+        apix,
+        dtype=np.float64,
+    )
+    lam = electron_wavelength_a(300.0)
+    u_zero = np.sqrt(1.0 / (lam * df))
+    kx = np.arange(n // 2 + 1) / (n * apix)
+    expected = np.sin(np.pi * lam * df * kx**2)
+    np.testing.assert_allclose(c[0], expected, atol=1e-12)
+    assert np.all(c[0][kx < 0.95 * u_zero] >= 0)
+    assert c[0][np.searchsorted(kx, 1.05 * u_zero)] < 0
+
+
+def test_astigmatism_follows_the_defocus_angle():
+    # along the azimuth the defocus is dU, perpendicular to it dV
+    n, apix = 128, 1.0
+    params = CtfParams(10000.0, 30000.0, 90.0, cs_mm=0.0, amplitude_contrast=0.0)
+    c = ctf_2d(params, n, apix, dtype=np.float64)
+    kx, ky = frequency_grid_2d(n)
+    lam = electron_wavelength_a(300.0)
+    u2 = (kx**2 + ky**2) / (n * apix) ** 2
+    along_y = (kx == 0) & (ky > 0)  # azimuth 90 degrees: defocus U along y
+    along_x = (ky == 0) & (kx > 0)
+    np.testing.assert_allclose(
+        c[along_y], np.sin(np.pi * lam * 10000.0 * u2[along_y]), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        c[along_x], np.sin(np.pi * lam * 30000.0 * u2[along_x]), atol=1e-12
+    )
+
+
+def test_batched_parameters_give_one_ctf_each():
+    params = CtfParams(
+        np.array([10000.0, 20000.0, 30000.0]),
+        np.array([10000.0, 20000.0, 30000.0]),
+        0.0,
+    )
+    c = ctf_2d(params, 32, 1.5)
+    assert c.shape == (3, 32, 17) and c.dtype == np.float32
+    single = ctf_2d(CtfParams(20000.0, 20000.0, 0.0), 32, 1.5)
+    np.testing.assert_allclose(c[1], single, atol=1e-7)
+
+
+def test_bfactor_envelope():
+    plain = ctf_2d(CtfParams(10000.0, 10000.0, 0.0), 64, 1.0, dtype=np.float64)
+    damped = ctf_2d(
+        CtfParams(10000.0, 10000.0, 0.0, bfactor_a2=100.0), 64, 1.0, dtype=np.float64
+    )
+    kx, ky = frequency_grid_2d(64)
+    u2 = (kx**2 + ky**2) / 64.0**2
+    np.testing.assert_allclose(damped, plain * np.exp(-25.0 * u2), atol=1e-12)
