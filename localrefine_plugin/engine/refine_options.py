@@ -1,0 +1,202 @@
+"""Options of a local refinement (units in the names) and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .errors import InputError
+
+__all__ = ["RefineOptions", "parse_fulcrum"]
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Settings of :func:`~localrefine_plugin.engine.refine.run_local_refinement`.
+
+    Every field names its unit; ``docs/local_refinement.md`` explains each one and
+    its nearest cryoSPARC and RELION setting.
+
+    Attributes
+    ----------
+    shift_extent_px : float
+        Largest change of the origin from the consensus pose (pixels, radius).
+    rotation_extent_deg : float
+        Largest rotation away from the consensus pose (degrees, geodesic).
+    alignment_resolution_deg : float
+        Finest rotation step of the branch-and-bound search (degrees).
+    fulcrum : "mask", "box" or (x, y, z)
+        Point the rotations pivot about: the mask's centre of mass, the box
+        centre, or voxel indices ``(x, y, z)`` (pixels from the box corner; the box
+        centre is ``N // 2``).
+    initial_lowpass_a : float
+        Low-pass of the input reference for the first iteration (Angstrom).
+    max_iterations : int
+        Most iterations before the final full-resolution pass.
+    prior_sigma_rotation_deg, prior_sigma_shift_a : float or None
+        Gaussian priors on the rotation change (degrees) and the shift change
+        (Angstrom) from the consensus pose; None = no prior.
+    dynamic_mask : bool
+        Recompute the mask from the current map every iteration.
+    dynamic_mask_threshold : float
+        Threshold of the dynamic mask as a fraction of the map's maximum inside
+        the input mask (0-1).
+    dynamic_mask_near_a, dynamic_mask_far_a : float
+        The dynamic mask is 1 within ``near`` of the thresholded density and falls
+        to 0 (raised cosine) at ``far`` (Angstrom); it never extends beyond the
+        input mask's support plus ``far``.
+    marginalize_top_k : int
+        1 = point estimate (best pose, the default); K > 1 = each particle is
+        inserted at its K best poses with posterior weights.
+    batch_size : int
+        Particles searched at once (memory versus speed).
+    threads : int
+        Batches searched in parallel (Python threads; NumPy releases the GIL).
+    fsc_threshold : float
+        FSC value defining the resolution (gold standard: 0.143).
+    seed : int
+        Seed of the FSC phase randomisation (everything else is deterministic).
+    """
+
+    shift_extent_px: float = 3.0
+    rotation_extent_deg: float = 10.0
+    alignment_resolution_deg: float = 0.5
+    fulcrum: str | tuple[float, float, float] = "mask"
+    initial_lowpass_a: float = 8.0
+    max_iterations: int = 8
+    prior_sigma_rotation_deg: float | None = None
+    prior_sigma_shift_a: float | None = None
+    dynamic_mask: bool = False
+    dynamic_mask_threshold: float = 0.2
+    dynamic_mask_near_a: float = 6.0
+    dynamic_mask_far_a: float = 14.0
+    marginalize_top_k: int = 1
+    batch_size: int = 128
+    threads: int = 1
+    fsc_threshold: float = 0.143
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the fulcrum tuple becomes a list)."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["fulcrum"], tuple):
+            d["fulcrum"] = list(d["fulcrum"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RefineOptions:
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        d = dict(d)
+        if isinstance(d.get("fulcrum"), list):
+            d["fulcrum"] = tuple(float(v) for v in d["fulcrum"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the option for any value out of range."""
+
+        def bad(name: str, problem: str, fix: str) -> InputError:
+            return InputError(None, f"option {name}: {problem}", fix)
+
+        def finite(name: str, value) -> float:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                raise bad(name, f"{value!r} is not a number", "give a number") from None
+            if not math.isfinite(v):
+                raise bad(name, f"{value!r} is not finite", "give a finite number")
+            return v
+
+        res = finite("alignment_resolution_deg", self.alignment_resolution_deg)
+        if res <= 0:
+            raise bad(
+                "alignment_resolution_deg",
+                f"{res} deg must be positive",
+                "use e.g. 0.5 (cryoSPARC's default)",
+            )
+        rot = finite("rotation_extent_deg", self.rotation_extent_deg)
+        if rot < 0:
+            raise bad(
+                "rotation_extent_deg", f"{rot} deg is negative", "use e.g. 10 (degrees)"
+            )
+        if rot < res:
+            raise bad(
+                "rotation_extent_deg",
+                f"{rot} deg is finer than the alignment resolution {res} deg",
+                "make the rotation extent at least the alignment resolution",
+            )
+        if rot > 180:
+            raise bad("rotation_extent_deg", f"{rot} deg exceeds 180", "use <= 180")
+        shift = finite("shift_extent_px", self.shift_extent_px)
+        if shift < 0:
+            raise bad(
+                "shift_extent_px", f"{shift} px is negative", "use e.g. 3 (pixels)"
+            )
+        lp = finite("initial_lowpass_a", self.initial_lowpass_a)
+        if lp <= 0:
+            raise bad("initial_lowpass_a", f"{lp} A must be positive", "use e.g. 8 (A)")
+        if int(self.max_iterations) != self.max_iterations or self.max_iterations < 1:
+            raise bad(
+                "max_iterations",
+                f"{self.max_iterations} must be an integer >= 1",
+                "use 1+",
+            )
+        for name in ("prior_sigma_rotation_deg", "prior_sigma_shift_a"):
+            value = getattr(self, name)
+            if value is not None and finite(name, value) <= 0:
+                raise bad(
+                    name, f"{value} must be positive", "omit it to disable the prior"
+                )
+        thr = finite("dynamic_mask_threshold", self.dynamic_mask_threshold)
+        if not 0 < thr < 1:
+            raise bad(
+                "dynamic_mask_threshold", f"{thr} is not in (0, 1)", "use e.g. 0.2"
+            )
+        near = finite("dynamic_mask_near_a", self.dynamic_mask_near_a)
+        far = finite("dynamic_mask_far_a", self.dynamic_mask_far_a)
+        if near < 0:
+            raise bad("dynamic_mask_near_a", f"{near} A is negative", "use e.g. 6 (A)")
+        if far <= near:
+            raise bad(
+                "dynamic_mask_far_a",
+                f"{far} A must exceed dynamic_mask_near_a ({near} A)",
+                "use e.g. near 6 A and far 14 A",
+            )
+        for name, low in (("marginalize_top_k", 1), ("batch_size", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if int(value) != value or value < low:
+                raise bad(
+                    name, f"{value} must be an integer >= {low}", f"use {low} or more"
+                )
+        fsc = finite("fsc_threshold", self.fsc_threshold)
+        if not 0 < fsc < 1:
+            raise bad("fsc_threshold", f"{fsc} is not in (0, 1)", "use 0.143")
+        parse_fulcrum(self.fulcrum)
+
+
+def parse_fulcrum(value) -> str | tuple[float, float, float]:
+    """``"mask"``, ``"box"``, ``"X,Y,Z"`` or a 3-sequence -> a valid fulcrum option.
+
+    Raises :class:`InputError` for anything else.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("mask", "box"):
+            return text
+        parts = text.split(",")
+    else:
+        try:
+            parts = list(value)
+        except TypeError:
+            parts = []
+    try:
+        xyz = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        xyz = ()
+    if len(xyz) != 3 or not all(math.isfinite(v) for v in xyz):
+        raise InputError(
+            None,
+            f"option fulcrum: {value!r} is not 'mask', 'box' or three numbers X,Y,Z",
+            "use --fulcrum mask, --fulcrum box or e.g. --fulcrum 40,32,35 (voxel indices)",
+        )
+    return xyz
