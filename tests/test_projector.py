@@ -174,14 +174,15 @@ def test_project_pixels_matches_full_projection(rng):
 
 
 @pytest.mark.parametrize("n", BOXES)
-def test_forward_model_shifts_content_by_plus_origin_and_applies_ctf(n, rng):
+def test_forward_model_shifts_content_by_minus_origin_and_applies_ctf(n, rng):
     proj = FourierProjector(blob_map(n, seed=7))
     rots = _random_rotations(rng, 2)
     origins = np.array([[3.0, -2.0], [-4.0, 5.0]])
     centred = fourier_to_image(proj.project(rots), n)
     shifted = fourier_to_image(forward_model(proj, rots, origins_px=origins), n)
     for i, (dx, dy) in enumerate(origins.astype(int)):
-        expected = np.roll(centred[i], (dy, dx), axis=(0, 1))
+        # RELION: content moves by -origin (pinned in test_relion_projection.py)
+        expected = np.roll(centred[i], (-dy, -dx), axis=(0, 1))
         np.testing.assert_allclose(shifted[i], expected, atol=1e-3 * centred.max())
     ctf = rng.uniform(-1, 1, (2, n, n // 2 + 1)).astype(np.float32)
     np.testing.assert_allclose(

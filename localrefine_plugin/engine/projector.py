@@ -332,7 +332,14 @@ def forward_model(
     ctf: np.ndarray | None = None,
     r_max_px: float | None = None,
 ) -> np.ndarray:
-    """Particle images predicted by the map: ``CTF * shift(project(A), +origin)``.
+    """Particle images predicted by the map: ``CTF * shift(project(A), -origin)``.
+
+    Shift sign, measured against RELION 3.1.3 (``tests/test_relion_projection.py``):
+    ``relion_project`` moves the projection by **minus** the origin
+    (``rlnOriginXAngst / pixel size``), and ``relion_reconstruct`` shifts each
+    image by **plus** its origin before inserting it. A particle whose centre
+    sits at ``(+3, 0)`` pixels from the box centre therefore has
+    ``rlnOriginX = -3``. (``docs/conventions.md`` states the opposite sign.)
 
     Parameters
     ----------
@@ -340,10 +347,10 @@ def forward_model(
     rotations : ndarray, shape (m, 3, 3)
         RELION matrices ``A``.
     origins_px : ndarray, shape (m, 2), optional
-        ``(x, y)`` origins in pixels (RELION's ``rlnOriginX/Y``; Angstrom values
-        divided by the pixel size); positive moves the content to larger x, y.
+        RELION origins ``(rlnOriginX, rlnOriginY)`` in pixels (Angstrom values
+        divided by the pixel size). The content is moved by ``-origins_px``.
     ctf : ndarray, shape (m, N, N//2+1) or (N, N//2+1), optional
-        CTF on the half-plane grid (:func:`.ctf.ctf_2d`).
+        CTF on the half-plane grid (:func:`.ctf.ctf_2d`), multiplied in.
     r_max_px : float, optional
         Zero beyond this radius (cycles per box).
 
@@ -351,12 +358,12 @@ def forward_model(
     -------
     ndarray, shape (m, N, N//2+1)
         In the image Fourier layout; ``fourier_to_image(result, N)`` gives the
-        real-space images.
+        real-space images. Normalised as ``relion_project`` (ratio 1.0000).
     """
     f = projector.project(np.asarray(rotations).reshape(-1, 3, 3), r_max_px=r_max_px)
     if origins_px is not None:
         origins = np.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
-        f *= shift_phases_2d(projector.n, origins, dtype=f.dtype)
+        f *= shift_phases_2d(projector.n, -origins, dtype=f.dtype)
     if ctf is not None:
         f *= np.asarray(ctf).astype(f.real.dtype, copy=False)
     return f
