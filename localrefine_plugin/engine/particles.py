@@ -78,8 +78,9 @@ class Particles:
     rot_deg, tilt_deg, psi_deg : ndarray, shape (n,), float64
         RELION ZYZ Euler angles in degrees (zeros when ``has_poses`` is False).
     origin_px : ndarray, shape (n, 2), float64
-        Origins ``(x, y)`` in pixels (the particle is the centred projection
-        moved by ``+origin``).
+        Origins ``(x, y)`` in pixels, RELION's sign: the particle is the
+        centred projection moved by ``-origin`` (checked against
+        ``relion_reconstruct`` and ``relion_project`` in the tests).
     ctf : CtfParams or None
         Per-particle arrays (n,) of every field; None when the STAR file has
         no ``rlnDefocusU``.
