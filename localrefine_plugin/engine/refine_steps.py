@@ -1,0 +1,313 @@
+"""The steps of one refinement iteration, each a thin call into its engine module.
+
+* :func:`align_particles` - the local search (``search.local_search``) of every
+  particle against its own half set's masked reference, in batches, around the
+  consensus poses;
+* :func:`reconstruct_and_compare` - half-map reconstructions at the new poses
+  (``reconstruct.py``) and their masked, corrected FSC (``fsc.py``);
+* :func:`estimate_noise` - sigma^2 per optics group and shell (``noise.py``);
+* :func:`dynamic_mask` - the mask recomputed from the current map.
+
+Nothing here is random, and batches are processed in a fixed order, so a run
+continued from a checkpoint reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from . import fsc as fsc_mod
+from . import masks, noise, search
+from .ctf import CtfParams, ctf_2d
+from .fourier import image_to_fourier
+from .progress import Progress
+from .projector import FourierProjector, forward_model
+
+__all__ = [
+    "AlignmentResult",
+    "align_particles",
+    "reconstruct_and_compare",
+    "estimate_noise",
+    "dynamic_mask",
+    "group_rows",
+    "signal_radius_px",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignmentResult:
+    """Poses found by one alignment pass (all particles, file order).
+
+    Attributes
+    ----------
+    rotations : ndarray, shape (n, 3, 3)
+        Best RELION matrices ``A`` (standard poses about the box centre).
+    origins_px : ndarray, shape (n, 2)
+        Best origins ``(x, y)`` in pixels.
+    scores : ndarray, shape (n,)
+        Best scores (negative log-likelihood differences; lower is better).
+    poses_evaluated : ndarray, shape (n,)
+        Poses scored per particle.
+    top_rotations, top_origins_px, top_weights : ndarray or None
+        With marginalisation (K > 1): (n, K, 3, 3), (n, K, 2) and (n, K).
+    """
+
+    rotations: np.ndarray
+    origins_px: np.ndarray
+    scores: np.ndarray
+    poses_evaluated: np.ndarray
+    top_rotations: np.ndarray | None = None
+    top_origins_px: np.ndarray | None = None
+    top_weights: np.ndarray | None = None
+
+
+def signal_radius_px(
+    mask: np.ndarray, fulcrum_px: np.ndarray, *, level: float = 0.01
+) -> float:
+    """Largest distance (pixels) from the fulcrum to a voxel where ``mask > level``."""
+    n = mask.shape[0]
+    z, y, x = np.nonzero(mask > level)
+    c = n // 2
+    d = np.sqrt(
+        (x - c - fulcrum_px[0]) ** 2
+        + (y - c - fulcrum_px[1]) ** 2
+        + (z - c - fulcrum_px[2]) ** 2
+    )
+    return float(d.max()) if d.size else 0.3 * n
+
+
+def group_rows(optics_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optics group ids -> (sorted distinct ids, row of each particle in sigma^2)."""
+    ids, rows = np.unique(np.asarray(optics_group), return_inverse=True)
+    return ids, rows
+
+
+def _ctf_subset(ctf: CtfParams | None, idx: np.ndarray, n: int, pixel_size_a: float):
+    if ctf is None:
+        return np.ones((idx.size, n, n // 2 + 1), dtype=np.float32)
+    sub = CtfParams(
+        **{k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in vars(ctf).items()}
+    )
+    return ctf_2d(sub, n, pixel_size_a)
+
+
+def _batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [indices[i : i + batch_size] for i in range(0, indices.size, batch_size)]
+
+
+def align_particles(
+    particles,
+    references: np.ndarray,
+    sigma2: np.ndarray,
+    *,
+    consensus_rotations: np.ndarray,
+    consensus_origins_px: np.ndarray,
+    fulcrum_px: np.ndarray,
+    options,
+    r_max_px: float,
+    score_fn,
+    label: str,
+    signal_radius_px: float | None = None,
+) -> AlignmentResult:
+    """Local search of every particle against its half set's masked reference.
+
+    Parameters
+    ----------
+    particles : Particles
+    references : ndarray, shape (2, N, N, N), float32
+        Masked references of half sets 1 and 2.
+    sigma2 : ndarray, shape (n_groups, N//2+1)
+        Noise power per optics group (rows in :func:`group_rows` order).
+    consensus_rotations : ndarray, shape (n, 3, 3)
+    consensus_origins_px : ndarray, shape (n, 2)
+        The input poses: the search extents bound the change from these.
+    fulcrum_px : ndarray, shape (3,)
+        Pivot of the rotations, pixels from the box centre (x, y, z).
+    options : RefineOptions
+    r_max_px : float
+        Fourier radius used for scoring (cycles per box).
+    score_fn : callable
+        ``scoring.score_poses`` or the GPU replacement (:mod:`.refine_device`).
+    label : str
+        Prefix of the progress lines.
+    signal_radius_px : float, optional
+        Radius about the fulcrum holding the masked signal (pixels), for the
+        search's bounds (:func:`signal_radius_px`).
+    """
+    n, box, px = particles.n, particles.box, particles.pixel_size_a
+    _, rows = group_rows(particles.optics_group)
+    k = int(options.marginalize_top_k)
+    prior_shift_px = (
+        None
+        if options.prior_sigma_shift_a is None
+        else options.prior_sigma_shift_a / px
+    )
+    out = AlignmentResult(
+        rotations=np.empty((n, 3, 3)),
+        origins_px=np.empty((n, 2)),
+        scores=np.empty(n),
+        poses_evaluated=np.zeros(n, dtype=np.int64),
+    )
+    if k > 1:
+        out.top_rotations = np.empty((n, k, 3, 3))
+        out.top_origins_px = np.empty((n, k, 2))
+        out.top_weights = np.empty((n, k))
+    progress = Progress(n, label, log)
+    subsets = np.asarray(particles.random_subset)
+    for half in (1, 2):
+        projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
+
+        def run(idx: np.ndarray, projector=projector):
+            images_f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1)
+            ctf = _ctf_subset(particles.ctf, idx, box, px)  # (m, N, N//2+1)
+            result = search.local_search(
+                projector,
+                images_f,
+                ctf,
+                noise.inverse_sigma2_per_particle(sigma2, rows[idx]),  # (m, N//2+1)
+                consensus_rotations=consensus_rotations[idx],
+                consensus_origins_px=consensus_origins_px[idx],
+                fulcrum_px=fulcrum_px,
+                rotation_extent_deg=options.rotation_extent_deg,
+                shift_extent_px=options.shift_extent_px,
+                alignment_resolution_deg=options.alignment_resolution_deg,
+                r_max_px=r_max_px,
+                prior_sigma_rotation_deg=options.prior_sigma_rotation_deg,
+                prior_sigma_shift_px=prior_shift_px,
+                top_k=k,
+                score_fn=score_fn,
+                signal_radius_px=signal_radius_px,
+            )
+            return idx, result
+
+        batches = _batches(np.flatnonzero(subsets == half), options.batch_size)
+        with ThreadPoolExecutor(max_workers=options.threads) as pool:
+            for idx, res in pool.map(run, batches):  # results in batch order
+                out.rotations[idx] = res.rotations
+                out.origins_px[idx] = res.origins_px
+                out.scores[idx] = res.scores
+                out.poses_evaluated[idx] = res.n_evaluated
+                if k > 1:
+                    out.top_rotations[idx] = res.top_rotations
+                    out.top_origins_px[idx] = res.top_origins_px
+                    out.top_weights[idx] = res.top_weights
+                progress.update(idx.size)
+    return out
+
+
+def reconstruct_and_compare(
+    particles,
+    mask: np.ndarray,
+    *,
+    options,
+    alignment: AlignmentResult | None = None,
+):
+    """Half maps, full map and masked FSC at the particles' current poses.
+
+    Returns
+    -------
+    half_maps : ndarray, shape (2, N, N, N), float32
+    full_map : ndarray, shape (N, N, N), float32
+    fsc : FscResult
+        Masked, phase-randomisation corrected (:func:`.fsc.compute_fsc`).
+    """
+    from . import reconstruct
+
+    weights = None
+    if alignment is not None and alignment.top_weights is not None:
+        weights = (
+            alignment.top_rotations,
+            alignment.top_origins_px,
+            alignment.top_weights,
+        )
+    half1, half2, full = reconstruct.reconstruct_halves(
+        particles, batch_size=options.batch_size, top_k_poses=weights
+    )
+    halves = np.stack([half1, half2]).astype(np.float32)
+    result = fsc_mod.compute_fsc(
+        halves[0],
+        halves[1],
+        mask=mask,
+        pixel_size_a=particles.pixel_size_a,
+        seed=options.seed,
+    )
+    return halves, np.asarray(full, dtype=np.float32), result
+
+
+def estimate_noise(
+    particles,
+    references: np.ndarray,
+    *,
+    rotations: np.ndarray,
+    origins_px: np.ndarray,
+    options,
+) -> np.ndarray:
+    """sigma^2 (n_groups, N//2+1) from the residuals against the masked references.
+
+    Each particle is compared with ``CTF * shift(projection)`` of its own half
+    set's reference at the given pose (:func:`.projector.forward_model`); the
+    residual power is accumulated per optics group and shell
+    (:class:`.noise.Sigma2Accumulator`).
+    """
+    box, px = particles.box, particles.pixel_size_a
+    ids, rows = group_rows(particles.optics_group)
+    acc = noise.Sigma2Accumulator(box, len(ids))
+    subsets = np.asarray(particles.random_subset)
+    for half in (1, 2):
+        projector = FourierProjector(references[half - 1], padding=2)
+        for idx in _batches(np.flatnonzero(subsets == half), options.batch_size):
+            images_f = image_to_fourier(particles.load_images(idx))
+            pred = forward_model(
+                projector,
+                rotations[idx],
+                origins_px=origins_px[idx],
+                ctf=_ctf_subset(particles.ctf, idx, box, px),
+            )
+            acc.add(images_f, predictions_f=pred, optics_groups=rows[idx])
+    return acc.sigma2()
+
+
+def dynamic_mask(
+    volume: np.ndarray,
+    input_mask: np.ndarray,
+    pixel_size_a: float,
+    *,
+    threshold_fraction: float,
+    near_a: float,
+    far_a: float,
+) -> np.ndarray:
+    """A mask recomputed from the current map, never beyond the input mask's support + far.
+
+    The density is thresholded at ``threshold_fraction`` of the map's maximum
+    inside the input mask's support (voxels with mask > 0), grown by ``near_a``
+    and given a raised-cosine edge reaching 0 at ``far_a`` from the density
+    (:func:`.masks.create_soft_mask`); voxels farther than ``far_a`` from the
+    input mask's support are set to 0.
+
+    Returns
+    -------
+    ndarray, shape (N, N, N), float32 in [0, 1]
+        The input mask when the map has no positive density in the support.
+    """
+    support = input_mask > 0
+    allowed = ndimage.distance_transform_edt(~support) * pixel_size_a <= far_a
+    peak = float(volume[support].max()) if support.any() else 0.0
+    if not peak > 0:
+        log.warning("dynamic mask: no positive density inside the mask; keeping it")
+        return input_mask.astype(np.float32)
+    floor = float(volume.min())
+    m = masks.create_soft_mask(
+        np.where(allowed, volume, floor),
+        pixel_size_a,
+        threshold=threshold_fraction * peak,
+        extend_a=near_a,
+        soft_edge_a=far_a - near_a,
+    )
+    return (m * allowed).astype(np.float32)
