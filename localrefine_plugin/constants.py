@@ -36,3 +36,6 @@ FSC_CSV_COLUMNS = (
     "fsc_masked",
     "fsc_corrected",
 )
+
+#: Labels of the three FSC objects the local refinement protocol outputs.
+FSC_CHOICES_LABELS = ("unmasked", "masked", "corrected")
