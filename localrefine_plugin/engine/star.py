@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 VERSION_LINE = "# version 30001"
 
 _RESERVED = re.compile(r"^(data_|loop_|save_|global_|stop_)", re.IGNORECASE)
+#: Matches, in values joined by NUL, anything :func:`_needs_quotes` would flag:
+#: whitespace, an empty value, or a value starting with a special character or
+#: a reserved word.
+_UNSAFE = re.compile(
+    r"\s|(?:^|\x00)(?:[_#$;'\"]|(?:data|loop|save|global|stop)_|\x00|$)", re.IGNORECASE
+)
 
 
 def _needs_quotes(value: str) -> bool:
@@ -53,6 +59,19 @@ def _quote(value: str) -> str:
     raise ValueError(
         f"STAR value {value!r} holds both quote characters; it cannot be written"
     )
+
+
+def _quote_column(values: list[str]) -> list[str]:
+    """Quote the values of a column that need it (one regex pass for the usual case)."""
+    if values and _UNSAFE.search("\x00".join(values)) is None:
+        return values
+    return [_quote(v) for v in values]
+
+
+def _aligned(values: list[str]) -> list[str]:
+    """Right-justify a column's values to a common width (RELION-like layout)."""
+    width = max(map(len, values), default=0)
+    return [v.rjust(width) for v in values]
 
 
 def format_values(values, fmt: str = "{:.6f}") -> list[str]:
@@ -508,12 +527,8 @@ def _block_text(block: StarBlock) -> str:
     if block.is_loop:
         out.append("loop_")
         out += [f"_{name}" for name in block.columns]
-        cols = [[_quote(v) for v in block._columns[name]] for name in block.columns]
-        widths = [max((len(v) for v in col), default=0) for col in cols]
-        out += [
-            " ".join(v.rjust(w) for v, w in zip(row, widths, strict=True))
-            for row in zip(*cols, strict=True)
-        ]
+        cols = [_aligned(_quote_column(block._columns[name])) for name in block.columns]
+        out += [" ".join(row) for row in zip(*cols, strict=True)]
         out.append("")
     return "\n".join(out) + "\n"
 
