@@ -1,0 +1,213 @@
+"""Local search grids: rotation and shift cells around a consensus pose.
+
+A local search explores pose *changes* from the consensus pose:
+
+* a rotation perturbation is a rotation vector ``v`` (axis times angle, in
+  degrees); the perturbed pose is ``A = A_cons @ R(v)`` (see
+  :func:`rotvec_to_matrix`), so the geodesic change of pose is ``|v|`` degrees;
+* a shift change is a 2D vector ``t`` in pixels added to the consensus origin.
+
+Both live on cubic (square) grids of *cells*: a cell is the cube of side
+``step`` around its centre, centres at integer multiples of the coarse step.
+Branch and bound subdivides a rotation cell into its 8 children (centres at
+``c +- step/4`` on each axis, spacing halved) and a shift cell into 4.
+
+Extents: the search region is the ball ``|v| <= extent_deg`` (disc
+``|t| <= extent_px``). A grid keeps every cell that meets the open ball, so
+the cells cover the whole region; a cell centre may lie just outside it, so a
+pose is always *evaluated* at the centre pulled back into the ball
+(:func:`clip_to_extent`). Evaluated poses therefore never leave the extents.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .geometry import quaternion_to_matrix
+
+__all__ = [
+    "rotation_grid",
+    "subdivide_rotations",
+    "shift_grid",
+    "subdivide_shifts",
+    "clip_to_extent",
+    "rotvec_to_matrix",
+    "finest_grid",
+]
+
+_ROT_OFFSETS = np.array(list(itertools.product((-1, 1), repeat=3)), dtype=np.float64)
+_SHIFT_OFFSETS = np.array(list(itertools.product((-1, 1), repeat=2)), dtype=np.float64)
+
+
+def _check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number; got {value}")
+    return value
+
+
+def _meets_ball(centres: np.ndarray, step: float, extent: float) -> np.ndarray:
+    """True for cells (cubes of side ``step``) that meet the open ball of radius extent."""
+    gap = np.maximum(np.abs(centres) - step / 2, 0.0)  # nearest point of the cell
+    return np.linalg.norm(gap, axis=-1) < extent * (1 - 1e-12)
+
+
+def _cubic_grid(extent: float, step: float, dim: int) -> np.ndarray:
+    if extent == 0:
+        return np.zeros((1, dim))
+    extent = _check_positive("extent", extent)
+    step = _check_positive("step", step)
+    half = int(np.ceil(extent / step + 0.5))
+    axis = np.arange(-half, half + 1, dtype=np.float64) * step
+    centres = np.stack(np.meshgrid(*(axis,) * dim, indexing="ij"), -1).reshape(-1, dim)
+    keep = _meets_ball(centres, step, extent)
+    centres = centres[keep]
+    # nearest cells first (the consensus pose's own cell at index 0)
+    order = np.argsort(np.linalg.norm(centres, axis=-1), kind="stable")
+    return centres[order]
+
+
+def _subdivide(
+    centres: np.ndarray, step: float, extent: float | None, offsets: np.ndarray
+) -> np.ndarray:
+    centres = np.asarray(centres, dtype=np.float64)
+    dim = offsets.shape[1]
+    if centres.ndim != 2 or centres.shape[1] != dim:
+        raise ValueError(f"centres must have shape (n, {dim}); got {centres.shape}")
+    step = _check_positive("step", step)
+    children = (centres[:, None, :] + offsets[None] * (step / 4)).reshape(-1, dim)
+    if extent is not None:
+        if extent == 0:
+            return np.zeros((1, dim))
+        children = children[_meets_ball(children, step / 2, float(extent))]
+    return children
+
+
+def rotation_grid(extent_deg: float, step_deg: float) -> np.ndarray:
+    """Centres of the rotation cells of side ``step_deg`` that meet the extent ball.
+
+    Parameters
+    ----------
+    extent_deg : float
+        Largest rotation change from the consensus pose (degrees); 0 gives the
+        single identity perturbation.
+    step_deg : float
+        Grid spacing (degrees) of the rotation-vector components.
+
+    Returns
+    -------
+    ndarray, shape (n, 3), float64
+        Rotation vectors (axis times angle, degrees) at integer multiples of
+        ``step_deg``, nearest first (the identity, i.e. the consensus pose, is
+        row 0). Centres may lie up to half a cell diagonal outside the ball:
+        evaluate at :func:`clip_to_extent` of them.
+    """
+    return _cubic_grid(float(extent_deg), float(step_deg), 3)
+
+
+def subdivide_rotations(
+    centres: np.ndarray, step_deg: float, *, extent_deg: float | None = None
+) -> np.ndarray:
+    """Split rotation cells of side ``step_deg`` into their 8 children.
+
+    Parameters
+    ----------
+    centres : ndarray, shape (n, 3)
+        Rotation-vector cell centres (degrees).
+    step_deg : float
+        Side of the parent cells; the children have side ``step_deg / 2``.
+    extent_deg : float, optional
+        Drop children whose cell does not meet the extent ball.
+
+    Returns
+    -------
+    ndarray, shape (8 n, 3) (fewer when ``extent_deg`` drops some)
+        Child centres ``c + (+-1, +-1, +-1) * step_deg / 4``, grouped by parent.
+    """
+    return _subdivide(centres, step_deg, extent_deg, _ROT_OFFSETS)
+
+
+def shift_grid(extent_px: float, step_px: float) -> np.ndarray:
+    """Centres of the square shift cells of side ``step_px`` that meet the extent disc.
+
+    Parameters
+    ----------
+    extent_px : float
+        Largest shift change from the consensus origin (pixels); 0 gives the
+        single zero shift.
+    step_px : float
+        Grid spacing (pixels).
+
+    Returns
+    -------
+    ndarray, shape (n, 2), float64
+        Shift changes ``(dx, dy)`` in pixels, nearest first (zero at row 0).
+    """
+    return _cubic_grid(float(extent_px), float(step_px), 2)
+
+
+def subdivide_shifts(
+    centres: np.ndarray, step_px: float, *, extent_px: float | None = None
+) -> np.ndarray:
+    """Split shift cells of side ``step_px`` into their 4 children (side ``step_px / 2``).
+
+    Returns
+    -------
+    ndarray, shape (4 n, 2) (fewer when ``extent_px`` drops some)
+    """
+    return _subdivide(centres, step_px, extent_px, _SHIFT_OFFSETS)
+
+
+def clip_to_extent(vectors: np.ndarray, extent: float) -> np.ndarray:
+    """Pull vectors (..., d) longer than ``extent`` back onto the ball (radial clip)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(norm > extent, extent / norm, 1.0)
+    return vectors * scale
+
+
+def rotvec_to_matrix(rotvec_deg: np.ndarray) -> np.ndarray:
+    """Rotation vectors (..., 3) (axis times angle, degrees) -> matrices (..., 3, 3).
+
+    Active right-handed rotation (as :func:`.geometry.axis_angle_to_matrix`),
+    exact identity for the zero vector.
+    """
+    v = np.deg2rad(np.asarray(rotvec_deg, dtype=np.float64))
+    half = np.linalg.norm(v, axis=-1, keepdims=True) / 2
+    # sin(half) * v / |v| = v / 2 * sinc(half / pi); np.sinc(x) = sin(pi x) / (pi x)
+    q = np.concatenate([np.cos(half), v / 2 * np.sinc(half / np.pi)], axis=-1)
+    return quaternion_to_matrix(q)
+
+
+def finest_grid(
+    extent: float, coarse_step: float, n_subdivisions: int, *, dim: int
+) -> np.ndarray:
+    """Leaves of the full (unpruned) subdivision tree: the exhaustive-search grid.
+
+    Parameters
+    ----------
+    extent : float
+        Extent (degrees for ``dim=3`` rotations, pixels for ``dim=2`` shifts).
+    coarse_step : float
+        Side of the coarse cells.
+    n_subdivisions : int
+        Number of halvings; the leaves have side ``coarse_step / 2**n``.
+    dim : int
+        3 (rotation vectors) or 2 (shifts).
+    """
+    if dim == 3:
+        cells, split = rotation_grid(extent, coarse_step), subdivide_rotations
+    elif dim == 2:
+        cells, split = shift_grid(extent, coarse_step), subdivide_shifts
+    else:
+        raise ValueError(f"dim must be 2 or 3; got {dim}")
+    step = float(coarse_step)
+    for _ in range(n_subdivisions):
+        cells = split(
+            cells, step, **{("extent_deg" if dim == 3 else "extent_px"): extent}
+        )
+        step /= 2
+    return cells

@@ -1,0 +1,568 @@
+"""Local pose search: branch and bound near the consensus poses.
+
+What is searched
+----------------
+For each particle with consensus pose ``(A_cons, o_cons)`` (RELION matrix,
+origin in pixels), a candidate is a rotation vector ``v`` (degrees,
+``|v| <= rotation_extent_deg``) and a shift change ``t`` (pixels,
+``|t| <= shift_extent_px``). The rotation pivots about the fulcrum ``f``
+(pixels, map coordinates relative to the box centre, e.g. the mask centre):
+
+* standard rotation ``A = A_cons @ R(v)`` (:func:`.local_grid.rotvec_to_matrix`);
+* standard origin ``o = o_cons + t + ((A - A_cons) f)_xy``
+  (:func:`.geometry.fulcrum_shift`): the fulcrum stays where the consensus pose
+  put it (moved by ``-t``).
+
+Origins follow RELION as measured by :func:`.projector.forward_model` against
+``relion_project``: a map point ``p`` appears at ``(A p)_xy - o`` (content
+moved by ``-o``). The fulcrum term's sign follows from that: ``(A f)_xy - o``
+must equal ``(A_cons f)_xy - o_cons`` for ``t = 0``. (docs/conventions.md still
+states ``+o`` and ``o - fulcrum_shift``; both flip together.)
+
+Results are standard poses (about the box centre), ready for RELION or
+cryoSPARC; :func:`candidate_poses` does the conversion.
+
+Branch and bound (after Punjani et al., Nat. Methods 14, 290 (2017), online
+methods "branch and bound")
+--------------------------------------------------------------------------
+Stage ``t = 0 .. T-1`` scores rotation cells of side ``res * 2**(T-1-t)``
+(``res`` = ``alignment_resolution_deg``) times shift cells of side
+``shift_res * 2**(T-1-t)``, each at its (clipped) centre, with the score
+(:func:`.scoring.score_poses`) summed up to the stage radius
+``r_t = max(r_max / 2**(T-1-t), min_radius_px)``. After each stage but the
+last, cells that cannot hold the best pose are pruned and the survivors split
+into 8 (rotations) and 4 (shifts) children; the last stage scores the full
+score (radius ``r_max``) on cells of side ``res``.
+
+Pruning compares, per particle, a lower bound of the full score within each
+cell with an upper bound of the best full score:
+
+* Upper bound ``U``: the exact full score (radius ``r_max``) of the stage's
+  best candidate ``b`` (one more pose per particle). Rigorous.
+* High band ``r_t < |k| <= r_max``. Write ``u = c P s / sigma``, ``x = X / sigma``;
+  the high-band part of the score is ``0.5 |u|^2 - Re<u, x>`` and ``|u|^2 = H``
+  is the CTF^2/sigma^2-weighted power of the projection in the band (computed
+  exactly for ``b``; used for every candidate of the particle: *heuristic*,
+  the band power of nearby poses differs little).
+
+  - ``bound="gaussian"`` (default, the paper's): if the image is a prediction
+    plus Gaussian noise of power sigma^2, the best the band can give is the
+    true pose's ``-0.5 H - Re<u, n>``, and ``Re<u, n>`` has variance ``H``;
+    bound ``-0.5 H - gamma sqrt(H)`` with ``gamma = bound_sigmas``. Holds with
+    probability about ``Phi(gamma)`` under the noise model (heuristic in that
+    it trusts the noise model).
+  - ``bound="cauchy_schwarz"``: ``Re<u, x> <= sqrt(H X_h)`` with ``X_h`` the
+    image's weighted band power gives ``0.5 H - sqrt(H X_h)``; rigorous (given
+    ``H``) but loose at low SNR, so it prunes little.
+
+* Within a cell the low-band score is only known at the centre. A pose
+  displacement that moves no density point by more than ``D`` pixels changes a
+  coefficient at radius ``|k|`` by at most ``|P| min(2, 2 pi |k| D / N)``, so the
+  noiseless score of the cell's best point is at most
+  ``M = 0.5 sum_low power * min(4, (2 pi |k| D / N)^2)`` below the centre's,
+  plus a noise term ``gamma sqrt(2 M)``. ``D = rho * half-diagonal angle +
+  half-diagonal shift`` with ``rho = signal_radius_px`` (the radius about the
+  fulcrum that holds the signal, e.g. the mask radius). *Heuristic*: uses
+  ``b``'s projection power for every cell and the small-angle displacement.
+* Priors (optional): their lower bound over the cell (at the cell's nearest
+  point to the consensus) is exact.
+
+A cell is kept when ``E_low(centre) - margin + high-band bound + prior bound
+<= U``; rotation cells are kept if some shift cell keeps them (and vice
+versa), so the next stage scores a product grid (one matrix product per
+particle). ``max_rotation_cells`` / ``max_shift_cells`` cap the survivors (the
+lowest bounds are kept) to bound the cost: a heuristic safety net, logged
+when it bites.
+
+Cost: about 1e3 - 1e4 poses per particle with the defaults
+(``SearchResult.n_evaluated``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from .geometry import fulcrum_shift
+from .local_grid import (
+    clip_to_extent,
+    rotation_grid,
+    rotvec_to_matrix,
+    shift_grid,
+    subdivide_rotations,
+    subdivide_shifts,
+)
+from .scoring import half_plane_pixels, score_poses, weighted_projection_power
+
+__all__ = [
+    "SearchResult",
+    "Stage",
+    "search_schedule",
+    "candidate_poses",
+    "local_search",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One branch-and-bound stage: cell sides and the scoring radius."""
+
+    rotation_step_deg: float
+    shift_step_px: float
+    radius_px: float
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Per-particle result of :func:`local_search` (standard poses).
+
+    Attributes
+    ----------
+    rotations : ndarray, shape (m, 3, 3)
+        Best RELION matrices ``A``.
+    origins_px : ndarray, shape (m, 2)
+        Best origins (pixels, about the box centre).
+    scores : ndarray, shape (m,)
+        Their full score (:func:`.scoring.score_poses` at ``r_max_px``, plus
+        priors); lower is better.
+    n_evaluated : ndarray, shape (m,), int64
+        Poses scored per particle (all stages, bound evaluations included).
+    rotation_change_deg : ndarray, shape (m,)
+        Geodesic angle between the best and the consensus rotation.
+    shift_change_px : ndarray, shape (m,)
+        ``|t|``: the searched shift about the fulcrum (not the fulcrum term).
+    top_rotations, top_origins_px, top_scores, top_weights : ndarray
+        Shapes (m, K, 3, 3), (m, K, 2), (m, K), (m, K): the K best poses of the
+        last stage, best first, with weights ``exp(-(score - best))``
+        normalised over the K (for marginalisation).
+    """
+
+    rotations: np.ndarray
+    origins_px: np.ndarray
+    scores: np.ndarray
+    n_evaluated: np.ndarray
+    rotation_change_deg: np.ndarray
+    shift_change_px: np.ndarray
+    top_rotations: np.ndarray
+    top_origins_px: np.ndarray
+    top_scores: np.ndarray
+    top_weights: np.ndarray
+
+
+def search_schedule(
+    *,
+    rotation_extent_deg: float,
+    shift_extent_px: float,
+    alignment_resolution_deg: float,
+    shift_resolution_px: float,
+    r_max_px: float,
+    n_stages: int | None = None,
+    min_radius_px: float = 6.0,
+) -> list[Stage]:
+    """The stages of the branch and bound (coarse to fine).
+
+    The number of stages ``T`` (default) is the smallest with a coarse rotation
+    cell ``res * 2**(T-1)`` of at least ``rotation_extent_deg / 2.5`` (e.g. 4
+    stages, 4 deg coarse cells, for 10 deg at 0.5 deg).
+    """
+    res = float(alignment_resolution_deg)
+    if not res > 0:
+        raise ValueError(f"alignment_resolution_deg must be positive; got {res}")
+    if not shift_resolution_px > 0:
+        raise ValueError(
+            f"shift_resolution_px must be positive; got {shift_resolution_px}"
+        )
+    if n_stages is None:
+        n_stages = 1
+        while res * 2 ** (n_stages - 1) < rotation_extent_deg / 2.5:
+            n_stages += 1
+    if n_stages < 1:
+        raise ValueError(f"n_stages must be >= 1; got {n_stages}")
+    stages = []
+    for t in range(n_stages):
+        f = 2.0 ** (n_stages - 1 - t)
+        radius = min(float(r_max_px), max(r_max_px / f, min_radius_px))
+        stages.append(Stage(res * f, shift_resolution_px * f, radius))
+    return stages
+
+
+def candidate_poses(
+    consensus_rotations: np.ndarray,
+    consensus_origins_px: np.ndarray,
+    fulcrum_px: np.ndarray,
+    rotvecs_deg: np.ndarray,
+    shifts_px: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Standard poses of region candidates (rotation about the fulcrum, shift).
+
+    Parameters
+    ----------
+    consensus_rotations : ndarray, shape (m, 3, 3)
+    consensus_origins_px : ndarray, shape (m, 2)
+    fulcrum_px : ndarray, shape (3,)
+        Map coordinates (pixels, x y z) relative to the box centre.
+    rotvecs_deg : ndarray, shape (m, J, 3)
+        Rotation perturbations (axis times angle, degrees).
+    shifts_px : ndarray, shape (m, S, 2)
+        Shift changes (pixels).
+
+    Returns
+    -------
+    rotations : ndarray, shape (m, J, 3, 3)
+        ``A_cons @ R(v)``.
+    origins : ndarray, shape (m, J, S, 2)
+        ``o_cons + t + ((A - A_cons) f)_xy`` (module docstring).
+    """
+    a_cons = np.asarray(consensus_rotations, dtype=np.float64)
+    rot = a_cons[:, None] @ rotvec_to_matrix(rotvecs_deg)  # (m, J, 3, 3)
+    fs = fulcrum_shift(rot, a_cons[:, None], fulcrum_px)  # (m, J, 2)
+    origins = (
+        np.asarray(consensus_origins_px, dtype=np.float64)[:, None, None, :]
+        + np.asarray(shifts_px, dtype=np.float64)[:, None, :, :]
+        + fs[:, :, None, :]
+    )  # (m, J, S, 2)
+    return rot, origins
+
+
+def _pad(cells: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    size = max(c.shape[0] for c in cells)
+    out = np.zeros((len(cells), size, dim))
+    valid = np.zeros((len(cells), size), dtype=bool)
+    for i, c in enumerate(cells):
+        out[i, : c.shape[0]] = c
+        out[i, c.shape[0] :] = c[0]  # harmless duplicates, masked out
+        valid[i, : c.shape[0]] = True
+    return out, valid
+
+
+def _prior(length: np.ndarray, sigma: float | None) -> np.ndarray:
+    if sigma is None:
+        return np.zeros_like(length)
+    return 0.5 * (length / float(sigma)) ** 2
+
+
+def _keep(bound: np.ndarray, limit: float, forced: int, cap: int | None) -> np.ndarray:
+    """Indices with ``bound <= limit`` (always ``forced``), at most ``cap`` lowest."""
+    keep = np.flatnonzero(bound <= limit)
+    if forced not in keep:
+        keep = np.append(keep, forced)
+    if cap is not None and keep.size > cap:
+        order = np.argsort(bound[keep], kind="stable")
+        keep = (
+            np.union1d(keep[order[: cap - 1]], [forced])
+            if cap > 1
+            else np.array([forced])
+        )
+        log.debug("cell cap %d reached", cap)
+    return np.sort(keep)
+
+
+def local_search(
+    projector,
+    images_f: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    *,
+    consensus_rotations: np.ndarray,
+    consensus_origins_px: np.ndarray,
+    fulcrum_px: np.ndarray,
+    rotation_extent_deg: float = 10.0,
+    shift_extent_px: float = 3.0,
+    alignment_resolution_deg: float = 0.5,
+    r_max_px: float,
+    prior_sigma_rotation_deg: float | None = None,
+    prior_sigma_shift_px: float | None = None,
+    top_k: int = 1,
+    score_fn: Callable[..., np.ndarray] = score_poses,
+    shift_resolution_px: float = 0.25,
+    n_stages: int | None = None,
+    min_radius_px: float = 6.0,
+    bound: str = "gaussian",
+    bound_sigmas: float = 3.0,
+    signal_radius_px: float | None = None,
+    max_rotation_cells: int | None = 64,
+    max_shift_cells: int | None = 16,
+    batch_size: int = 8,
+) -> SearchResult:
+    """Best pose of each particle near its consensus pose (branch and bound).
+
+    Parameters
+    ----------
+    projector : FourierProjector
+        The (masked) reference.
+    images_f : ndarray, shape (m, N, N//2+1), complex
+        Particle images (Fourier layout of :mod:`.fourier`).
+    ctf : ndarray, shape (m, N, N//2+1)
+        CTF per particle.
+    inv_sigma2 : ndarray, shape (m, N//2+1)
+        ``1 / sigma2`` per shell (:mod:`.noise`).
+    consensus_rotations : ndarray, shape (m, 3, 3)
+        Consensus RELION matrices ``A``.
+    consensus_origins_px : ndarray, shape (m, 2)
+        Consensus origins in pixels.
+    fulcrum_px : ndarray, shape (3,)
+        Pivot of the rotations (pixels, map coordinates relative to the centre).
+    rotation_extent_deg : float
+        Largest rotation change from the consensus (degrees).
+    shift_extent_px : float
+        Largest shift change from the consensus about the fulcrum (pixels).
+    alignment_resolution_deg : float
+        Side of the finest rotation cells (degrees).
+    r_max_px : float
+        Scoring radius of the last stage (cycles per box, <= N//2).
+    prior_sigma_rotation_deg, prior_sigma_shift_px : float, optional
+        Gaussian priors on the rotation change (degrees) and shift change
+        (pixels), added to the score as ``0.5 (change / sigma)^2``.
+    top_k : int
+        Number of best poses (with weights) returned.
+    score_fn : callable
+        :func:`.scoring.score_poses` or a drop-in (GPU) replacement; called
+        with ``rotation_shifts_px=`` (the fulcrum term).
+    shift_resolution_px : float
+        Side of the finest shift cells (pixels).
+    n_stages, min_radius_px : see :func:`search_schedule`.
+    bound : {"gaussian", "cauchy_schwarz"}
+        High-band bound (module docstring).
+    bound_sigmas : float
+        ``gamma``: noise standard deviations allowed in the bounds.
+    signal_radius_px : float, optional
+        Radius about the fulcrum holding the signal (default ``0.3 N``).
+    max_rotation_cells, max_shift_cells : int or None
+        Caps on the cells kept per stage (None: no cap).
+    batch_size : int
+        Particles scored together.
+
+    Returns
+    -------
+    SearchResult
+    """
+    images_f = np.asarray(images_f)
+    if images_f.ndim != 3:
+        raise ValueError(
+            f"images_f must have shape (m, N, N//2+1); got {images_f.shape}"
+        )
+    m, n = images_f.shape[0], images_f.shape[1]
+    a_cons = np.asarray(consensus_rotations, dtype=np.float64).reshape(m, 3, 3)
+    o_cons = np.asarray(consensus_origins_px, dtype=np.float64).reshape(m, 2)
+    fulcrum = np.asarray(fulcrum_px, dtype=np.float64).reshape(3)
+    if rotation_extent_deg < 0 or shift_extent_px < 0:
+        raise ValueError(
+            f"extents must be >= 0; got rotation {rotation_extent_deg} deg, "
+            f"shift {shift_extent_px} px"
+        )
+    if not 0 < r_max_px <= n // 2:
+        raise ValueError(f"r_max_px must be in (0, N//2 = {n // 2}]; got {r_max_px}")
+    if bound not in ("gaussian", "cauchy_schwarz"):
+        raise ValueError(f"bound must be 'gaussian' or 'cauchy_schwarz'; got {bound!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1; got {top_k}")
+    stages = search_schedule(
+        rotation_extent_deg=rotation_extent_deg,
+        shift_extent_px=shift_extent_px,
+        alignment_resolution_deg=alignment_resolution_deg,
+        shift_resolution_px=shift_resolution_px,
+        r_max_px=r_max_px,
+        n_stages=n_stages,
+        min_radius_px=min_radius_px,
+    )
+    settings = dict(
+        fulcrum=fulcrum,
+        rot_ext=float(rotation_extent_deg),
+        shift_ext=float(shift_extent_px),
+        r_max=float(r_max_px),
+        prior_rot=prior_sigma_rotation_deg,
+        prior_shift=prior_sigma_shift_px,
+        top_k=int(top_k),
+        score_fn=score_fn,
+        bound=bound,
+        gamma=float(bound_sigmas),
+        rho=0.3 * n if signal_radius_px is None else float(signal_radius_px),
+        caps=(max_rotation_cells, max_shift_cells),
+    )
+    ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
+    inv_sigma2 = np.broadcast_to(
+        np.asarray(inv_sigma2, dtype=np.float64), (m, n // 2 + 1)
+    )
+    parts = []
+    for start in range(0, m, batch_size):
+        sl = slice(start, min(start + batch_size, m))
+        parts.append(
+            _search_batch(
+                projector,
+                images_f[sl],
+                ctf[sl],
+                inv_sigma2[sl],
+                a_cons[sl],
+                o_cons[sl],
+                stages,
+                settings,
+            )
+        )
+    return SearchResult(
+        *(
+            np.concatenate([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(SearchResult)
+        )
+    )
+
+
+def _search_batch(
+    projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
+) -> SearchResult:
+    m, n = x.shape[0], x.shape[1]
+    rot_cells = [rotation_grid(cfg["rot_ext"], stages[0].rotation_step_deg)] * m
+    shift_cells = [shift_grid(cfg["shift_ext"], stages[0].shift_step_px)] * m
+    n_eval = np.zeros(m, dtype=np.int64)
+    score_fn, gamma = cfg["score_fn"], cfg["gamma"]
+    rows = np.arange(m)
+    for t, stage in enumerate(stages):
+        last = t == len(stages) - 1
+        rv, rvalid = _pad(rot_cells, 3)  # (m, J, 3)
+        tv, tvalid = _pad(shift_cells, 2)  # (m, S, 2)
+        rv_eval = clip_to_extent(rv, cfg["rot_ext"])
+        tv_eval = clip_to_extent(tv, cfg["shift_ext"])
+        rot, origins = candidate_poses(a_cons, o_cons, cfg["fulcrum"], rv_eval, tv_eval)
+        rot_shift = (
+            origins[:, :, 0, :] - tv_eval[:, None, 0, :] - o_cons[:, None, :]
+        )  # (m, J, 2)
+        radius = stage.radius_px if not last else cfg["r_max"]
+        e = score_fn(
+            projector,
+            x,
+            ctf,
+            inv_sigma2,
+            rot,
+            o_cons[:, None, :] + tv_eval,
+            r_max_px=radius,
+            rotation_shifts_px=rot_shift,
+        )  # (m, J, S)
+        prior_r = _prior(np.linalg.norm(rv_eval, axis=-1), cfg["prior_rot"])  # (m, J)
+        prior_s = _prior(np.linalg.norm(tv_eval, axis=-1), cfg["prior_shift"])  # (m, S)
+        valid = rvalid[:, :, None] & tvalid[:, None, :]
+        total = np.where(valid, e + prior_r[:, :, None] + prior_s[:, None, :], np.inf)
+        n_eval += valid.sum(axis=(1, 2))
+        log.debug(
+            "stage %d: radius %.1f px, rotation cells %.1f deg, shift cells %.3f px, "
+            "poses per particle %.0f",
+            t,
+            radius,
+            stage.rotation_step_deg,
+            stage.shift_step_px,
+            valid.sum() / m,
+        )
+        flat_best = np.argmin(total.reshape(m, -1), axis=1)
+        jb, sb = np.unravel_index(flat_best, total.shape[1:])
+        if last:
+            return _finish(total, rot, origins, tv_eval, a_cons, n_eval, cfg["top_k"])
+
+        # upper bound: exact full score of the stage's best candidate
+        rot_b = rot[rows, jb]  # (m, 3, 3)
+        e_full = score_fn(
+            projector,
+            x,
+            ctf,
+            inv_sigma2,
+            rot_b[:, None],
+            o_cons[:, None, :] + tv_eval[rows, sb][:, None],
+            r_max_px=cfg["r_max"],
+            rotation_shifts_px=rot_shift[rows, jb][:, None],
+        )[:, 0, 0]
+        n_eval += 1
+        upper = e_full + prior_r[rows, jb] + prior_s[rows, sb]  # (m,)
+
+        power, k = weighted_projection_power(
+            projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"]
+        )
+        high = k > stage.radius_px
+        h = power[:, high].sum(-1)  # (m,)
+        if cfg["bound"] == "gaussian":
+            high_bound = -0.5 * h - gamma * np.sqrt(h)
+        else:
+            flat, _, _, mult, shell = half_plane_pixels(n, cfg["r_max"])
+            xh = x.reshape(m, -1)[:, flat][:, high]
+            xpow = (np.abs(xh) ** 2 * mult[high] * inv_sigma2[:, shell[high]]).sum(-1)
+            high_bound = 0.5 * h - np.sqrt(h * xpow)
+        half_rot = np.deg2rad(np.sqrt(3) / 2 * stage.rotation_step_deg)
+        half_shift = np.sqrt(2) / 2 * stage.shift_step_px
+        disp = cfg["rho"] * half_rot + half_shift  # pixels
+        low = ~high
+        change = np.minimum(4.0, (2 * np.pi * k[low] * disp / n) ** 2)
+        m_cell = 0.5 * (power[:, low] * change).sum(-1)  # (m,)
+        margin = m_cell + gamma * np.sqrt(2 * m_cell)
+        prior_r_lb = _prior(
+            np.maximum(
+                np.linalg.norm(rv, axis=-1) - np.sqrt(3) / 2 * stage.rotation_step_deg,
+                0,
+            ),
+            cfg["prior_rot"],
+        )
+        prior_s_lb = _prior(
+            np.maximum(np.linalg.norm(tv, axis=-1) - half_shift, 0), cfg["prior_shift"]
+        )
+        lower = np.where(
+            valid,
+            e
+            + prior_r_lb[:, :, None]
+            + prior_s_lb[:, None, :]
+            - (margin - high_bound)[:, None, None],
+            np.inf,
+        )  # (m, J, S)
+        next_rot, next_shift = [], []
+        for i in range(m):
+            nj, ns = rot_cells[i].shape[0], shift_cells[i].shape[0]
+            lb = lower[i, :nj, :ns]
+            kj = _keep(lb.min(axis=1), upper[i], int(jb[i]), cfg["caps"][0])
+            ks = _keep(lb.min(axis=0), upper[i], int(sb[i]), cfg["caps"][1])
+            next_rot.append(
+                subdivide_rotations(
+                    rot_cells[i][kj], stage.rotation_step_deg, extent_deg=cfg["rot_ext"]
+                )
+            )
+            next_shift.append(
+                subdivide_shifts(
+                    shift_cells[i][ks], stage.shift_step_px, extent_px=cfg["shift_ext"]
+                )
+            )
+        log.debug(
+            "stage %d: kept rotation cells %.1f, shift cells %.1f per particle",
+            t,
+            np.mean([c.shape[0] / 8 for c in next_rot]),
+            np.mean([c.shape[0] / 4 for c in next_shift]),
+        )
+        rot_cells, shift_cells = next_rot, next_shift
+    raise AssertionError("unreachable")
+
+
+def _finish(total, rot, origins, tv_eval, a_cons, n_eval, top_k) -> SearchResult:
+    m = total.shape[0]
+    flat = total.reshape(m, -1)
+    k = min(top_k, flat.shape[1])
+    order = np.argsort(flat, axis=1, kind="stable")[:, :k]  # (m, K)
+    top_scores = np.take_along_axis(flat, order, axis=1)
+    j, s = np.unravel_index(order, total.shape[1:])
+    rows = np.arange(m)[:, None]
+    top_rot = rot[rows, j]  # (m, K, 3, 3)
+    top_orig = origins[rows, j, s]  # (m, K, 2)
+    rel = np.exp(-(top_scores - top_scores[:, :1]))
+    rel = np.where(np.isfinite(top_scores), rel, 0.0)
+    weights = rel / rel.sum(axis=1, keepdims=True)
+    from .geometry import geodesic_angle_deg
+
+    best_rot = top_rot[:, 0]
+    return SearchResult(
+        rotations=best_rot,
+        origins_px=top_orig[:, 0],
+        scores=top_scores[:, 0],
+        n_evaluated=n_eval,
+        rotation_change_deg=geodesic_angle_deg(best_rot, a_cons),
+        shift_change_px=np.linalg.norm(tv_eval[np.arange(m), s[:, 0]], axis=-1),
+        top_rotations=top_rot,
+        top_origins_px=top_orig,
+        top_scores=top_scores,
+        top_weights=weights,
+    )
