@@ -1,0 +1,230 @@
+"""GPU back-projection: the twin of :class:`.engine.backprojector.BackProjector`.
+
+Kernel ``backproject_f32`` (or ``_f64``) in ``backprojector.cu`` inserts every
+pixel of a batch of images with one thread per (pixel, image) and
+``atomicAdd`` into the 8 trilinear corners of the padded accumulators (layout
+of :class:`~localrefine_plugin.engine.backprojector.BackProjector`). Atomics
+rather than a gather scheme: neighbouring pixels of one image land on
+neighbouring voxels, images of a batch rarely collide on the same voxel at
+the same time, and a gather would have to search, for every voxel, the images
+whose slice passes within one voxel; ``benchmarks/bench_gpu.py`` measures the
+insertion rate with float32 and float64 accumulators (docs/gpu.md).
+
+:class:`CudaBackProjector` subclasses the engine's class: ``insert`` runs on
+the GPU, and reading ``data`` or ``weight`` (as ``reconstruct``, ``add`` and
+``copy`` do) first adds the device accumulators into the float64 host arrays.
+Entry points with one signature: ``_insert_host``, ``_insert_cuda`` and
+``insert`` (dispatch on ``device``, logs which path ran).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..engine.backprojector import BackProjector
+from .backend import batch_size_for, load_kernels, select_device
+
+__all__ = ["CudaBackProjector", "insert"]
+
+log = logging.getLogger(__name__)
+
+_THREADS = 128
+
+
+class CudaBackProjector(BackProjector):
+    """:class:`BackProjector` whose insertions run on the GPU.
+
+    Parameters
+    ----------
+    n : int
+        Box size ``N`` (pixels).
+    padding : int
+        Oversampling factor (RELION's default 2).
+    r_max_px : float, optional
+        Largest frequency inserted (cycles per box); default ``N // 2``.
+    accumulator : {"float32", "float64"}
+        Precision of the device accumulators (the host copies are float64).
+        float32 halves the memory and uses the fast native float atomics.
+
+    Attributes
+    ----------
+    data, weight
+        As in :class:`BackProjector` (reading them synchronises with the GPU).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        padding: int = 2,
+        r_max_px: float | None = None,
+        accumulator: str = "float32",
+    ) -> None:
+        if accumulator not in ("float32", "float64"):
+            raise ValueError(
+                f"accumulator must be float32 or float64; got {accumulator!r}"
+            )
+        self._acc_dtype = np.dtype(accumulator)
+        self._dev = None  # (data (2 * size,), weight (size,)) on the GPU
+        super().__init__(n, padding=padding, r_max_px=r_max_px)
+
+    # reading data/weight flushes the device accumulators into the host arrays
+    @property
+    def data(self) -> np.ndarray:
+        self.flush()
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value
+
+    @property
+    def weight(self) -> np.ndarray:
+        self.flush()
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: np.ndarray) -> None:
+        self._weight = value
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of :attr:`data` and :attr:`weight`."""
+        return self._weight.shape
+
+    def flush(self) -> None:
+        """Add the device accumulators into the host arrays and zero them."""
+        if self._dev is None:
+            return
+        data_g, weight_g = self._dev
+        d = data_g.get().astype(np.float64).reshape(self._weight.shape + (2,))
+        self._data += d[..., 0] + 1j * d[..., 1]
+        self._weight += weight_g.get().astype(np.float64).reshape(self._weight.shape)
+        data_g.fill(0)
+        weight_g.fill(0)
+
+    def _device_accumulators(self):
+        from pycuda import gpuarray
+
+        if self._dev is None:
+            size = self._weight.size
+            self._dev = (
+                gpuarray.zeros(2 * size, dtype=self._acc_dtype),
+                gpuarray.zeros(size, dtype=self._acc_dtype),
+            )
+        return self._dev
+
+    def insert(
+        self,
+        f_images: np.ndarray,
+        rotations: np.ndarray,
+        *,
+        ctf: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        """As :meth:`BackProjector.insert`, on the GPU (float32 arithmetic).
+
+        Parameters
+        ----------
+        f_images : ndarray, shape (m, N, N//2+1), complex
+            Centred image transforms (Fourier layout of ``engine/fourier.py``).
+        rotations : ndarray, shape (m, 3, 3)
+            RELION matrices ``A``.
+        ctf : ndarray, shape (m, N, N//2+1) or (N, N//2+1), optional
+        weights : ndarray, shape (m,), optional
+        """
+        from pycuda import gpuarray
+
+        f_images = np.asarray(f_images)
+        if f_images.ndim == 2:
+            f_images = f_images[None]
+        m, n = f_images.shape[0], self.n
+        if f_images.shape[1:] != (n, n // 2 + 1):
+            raise ValueError(
+                f"f_images must have shape (m, {n}, {n // 2 + 1}); got {f_images.shape}"
+            )
+        rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
+        if rotations.shape[0] != m:
+            raise ValueError(f"{m} images but {rotations.shape[0]} rotations")
+        module = load_kernels("backprojector.cu")
+        kernel = module.get_function(
+            "backproject_f32" if self._acc_dtype == np.float32 else "backproject_f64"
+        )
+        data_g, weight_g = self._device_accumulators()
+        stride = n * (n // 2 + 1)
+        kx_g, ky_g, src_g, npix = self._pixel_table()
+        if ctf is not None:
+            ctf = np.broadcast_to(np.asarray(ctf, dtype=np.float32), (m, n, n // 2 + 1))
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32).reshape(m)
+        batch = batch_size_for(stride * 12 + 64, fixed_bytes=0, cap=65535)
+        for start in range(0, m, batch):
+            sl = slice(start, min(start + batch, m))
+            b = sl.stop - sl.start
+            f_g = gpuarray.to_gpu(
+                np.ascontiguousarray(f_images[sl], dtype=np.complex64)
+            )
+            c_g = (
+                None if ctf is None else gpuarray.to_gpu(np.ascontiguousarray(ctf[sl]))
+            )
+            w_g = None if weights is None else gpuarray.to_gpu(weights[sl])
+            rot_g = gpuarray.to_gpu(rotations[sl].reshape(b, 9).astype(np.float32))
+            kernel(
+                f_g, np.intp(0) if c_g is None else c_g, np.intp(0) if w_g is None else w_g,
+                rot_g, np.int32(b), kx_g, ky_g, src_g, np.int32(npix), np.int32(stride),
+                np.int32(self.c), np.float32(self.padding), data_g, weight_g,
+                block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
+            )  # fmt: skip
+        self.n_inserted += m
+
+    def _pixel_table(self):
+        """The engine's insertion pixels (``kx^2 + ky^2 <= r_max^2``) on the GPU."""
+        from pycuda import gpuarray
+
+        table = getattr(self, "_pixels_g", None)
+        if table is None:
+            table = (
+                gpuarray.to_gpu(self._kx.astype(np.float32)),
+                gpuarray.to_gpu(self._ky.astype(np.float32)),
+                gpuarray.to_gpu(self._flat.astype(np.int32)),
+                int(self._flat.size),
+            )
+            self._pixels_g = table
+        return table
+
+
+def _insert_host(
+    bp: BackProjector, f_images, rotations, *, ctf=None, weights=None
+) -> None:
+    """Insert with the NumPy engine (``BackProjector.insert`` of the CPU class)."""
+    BackProjector.insert(bp, f_images, rotations, ctf=ctf, weights=weights)
+
+
+def _insert_cuda(
+    bp: CudaBackProjector, f_images, rotations, *, ctf=None, weights=None
+) -> None:
+    """Insert on the GPU (``bp`` must be a :class:`CudaBackProjector`)."""
+    CudaBackProjector.insert(bp, f_images, rotations, ctf=ctf, weights=weights)
+
+
+def insert(
+    bp: BackProjector,
+    f_images,
+    rotations,
+    *,
+    ctf=None,
+    weights=None,
+    device: str = "auto",
+) -> None:
+    """Insert images into ``bp`` on ``device`` (``auto | cpu | cuda``); logs the path.
+
+    The GPU path needs a :class:`CudaBackProjector` (the CPU path accepts either).
+    """
+    if isinstance(bp, CudaBackProjector) and select_device(device) == "cuda":
+        log.debug("insert: CUDA path (%d images)", np.shape(rotations)[0])
+        _insert_cuda(bp, f_images, rotations, ctf=ctf, weights=weights)
+    else:
+        log.debug("insert: CPU path (%d images)", np.shape(rotations)[0])
+        _insert_host(bp, f_images, rotations, ctf=ctf, weights=weights)

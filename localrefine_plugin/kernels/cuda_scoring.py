@@ -1,0 +1,304 @@
+"""GPU pose scoring: the twin of :func:`.engine.scoring.score_poses`.
+
+The score of every (rotation, shift) pair of every particle is
+
+    ``E = 0.5 sum_p w c^2 |P|^2 / sigma2 - Re sum_p P Z_s``,
+    ``Z_s = w c conj(X) / sigma2 * exp(+2 pi i k.o_s / N)``
+
+(``w`` the Hermitian multiplicity, formulas in ``engine/scoring.py`` and
+``scoring.cu``). The host folds the CTF, the multiplicity and ``1/sigma2``
+into per-pixel weights (``w1``, ``Y``), kernel ``phase_table`` builds the
+``Z`` tables of all shifts on the GPU, and kernel ``score_tiles`` interpolates
+the slices of 32 rotations x 32 pixels into shared memory and multiplies them
+with the ``Z`` tile (a complex matrix product), all particles of a batch in
+one launch. The branch-and-bound stages of :func:`.engine.search.local_search`
+call this function on each stage's candidate set (``score_fn=``).
+
+Entry points with one signature: ``_score_host`` (NumPy engine),
+``_score_cuda`` and ``score_poses`` (dispatch on ``device``, logs the path).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..engine.scoring import half_plane_pixels
+from ..engine.scoring import score_poses as _engine_score_poses
+from .backend import batch_size_for, load_kernels, select_device
+from .cuda_projector import device_volume
+
+__all__ = ["score_poses", "get_score_fn", "fold_weights", "flop_count", "byte_count"]
+
+log = logging.getLogger(__name__)
+
+_TILE = 32  # rotations, shifts and pixels per tile (LR_TJ, LR_TS, LR_TP)
+
+#: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
+#: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
+#: test ``test_folded_weights_reproduce_engine_scores`` pins it to the engine.
+ORIGIN_PHASE_SIGN = 1.0
+_pixel_cache: dict[tuple[int, float], tuple] = {}
+
+
+def flop_count(m: int, n_rot: int, n_shift: int, npix: int) -> float:
+    """Floating-point operations of one ``score_tiles`` call (FMA = 2).
+
+    Per (rotation, pixel): 28 for the slice coordinates and trilinear weights,
+    32 for the 8-corner complex interpolation, 4 for ``w |P|^2``; per
+    (rotation, shift, pixel): 4 for ``Re(P Z)``. Padding of partial tiles is
+    not counted (useful work only).
+    """
+    return float(m) * n_rot * npix * (64.0 + 4.0 * n_shift)
+
+
+def byte_count(
+    m: int, n_rot: int, n_shift: int, npix: int, n_volume_bytes: int
+) -> float:
+    """Compulsory device-memory traffic of one ``score_tiles`` call (bytes).
+
+    The volume once, per particle the weights and the ``Z`` tables read once
+    per rotation tile, and the scores written: a lower bound on DRAM traffic
+    (the 8-corner gathers are mostly served by L1/L2).
+    """
+    tiles_j = -(-n_rot // _TILE)
+    return (
+        float(n_volume_bytes)
+        + m * tiles_j * (4.0 * npix + 8.0 * n_shift * npix)
+        + m * 4.0 * (n_rot * n_shift)
+    )
+
+
+def _pixels(n: int, r_max_px: float) -> tuple:
+    """Pixel table of ``scoring.half_plane_pixels`` on the GPU (cached per n, r)."""
+    from pycuda import gpuarray
+
+    key = (int(n), float(r_max_px))
+    hit = _pixel_cache.get(key)
+    if hit is None:
+        flat, kx, ky, mult, shell = half_plane_pixels(n, float(r_max_px))
+        hit = (
+            flat, mult, shell,
+            gpuarray.to_gpu(kx.astype(np.float32)),
+            gpuarray.to_gpu(ky.astype(np.float32)),
+        )  # fmt: skip
+        _pixel_cache[key] = hit
+    return hit
+
+
+def fold_weights(
+    images_f: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    flat: np.ndarray,
+    mult: np.ndarray,
+    shell: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel weights of the scoring kernel (CTF, 1/sigma2, multiplicity folded in).
+
+    Parameters
+    ----------
+    images_f : ndarray, shape (b, N, N//2+1), complex
+    ctf : ndarray, shape (b, N, N//2+1)
+    inv_sigma2 : ndarray, shape (b, N//2+1)
+    flat, mult, shell : ndarray, shape (P,)
+        From :func:`.engine.scoring.half_plane_pixels`.
+
+    Returns
+    -------
+    w1 : ndarray, shape (b, P), float32
+        ``0.5 * mult * ctf^2 / sigma2``: weight of ``|P|^2``.
+    y : ndarray, shape (b, P), complex64
+        ``mult * ctf / sigma2 * conj(X)``: the cross term is
+        ``Re sum_p P(p) y(p) exp(ORIGIN_PHASE_SIGN 2 pi i k.o / N)``.
+    """
+    b = images_f.shape[0]
+    x = images_f.reshape(b, -1)[:, flat]  # (b, P)
+    c = ctf.reshape(b, -1)[:, flat].astype(np.float64)  # (b, P)
+    w = mult[None, :] * inv_sigma2[:, shell]  # (b, P)
+    w1 = (0.5 * w * c * c).astype(np.float32)
+    y = (w * c * np.conj(x)).astype(np.complex64)
+    return w1, y
+
+
+def _score_host(
+    projector,
+    images_f: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    rotations: np.ndarray,
+    shifts_px: np.ndarray,
+    *,
+    r_max_px: float,
+    rotation_shifts_px: np.ndarray | None = None,
+) -> np.ndarray:
+    """The NumPy engine (:func:`.engine.scoring.score_poses`)."""
+    return _engine_score_poses(
+        projector, images_f, ctf, inv_sigma2, rotations, shifts_px,
+        r_max_px=r_max_px, rotation_shifts_px=rotation_shifts_px,
+    )  # fmt: skip
+
+
+def _check(
+    images_f, ctf, inv_sigma2, rotations, shifts_px, r_max_px, rotation_shifts_px
+):
+    images_f = np.asarray(images_f)
+    if images_f.ndim != 3 or images_f.shape[2] != images_f.shape[1] // 2 + 1:
+        raise ValueError(
+            f"images_f must have shape (m, N, N//2+1); got {images_f.shape}"
+        )
+    m, n = images_f.shape[:2]
+    ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
+    inv_sigma2 = np.asarray(inv_sigma2, dtype=np.float64)
+    inv_sigma2 = np.broadcast_to(inv_sigma2, (m, inv_sigma2.shape[-1]))
+    if inv_sigma2.shape[-1] != n // 2 + 1:
+        raise ValueError(
+            f"inv_sigma2 must have N//2+1 = {n // 2 + 1} shells; got {inv_sigma2.shape}"
+        )
+    if not 0 < r_max_px <= n // 2:
+        raise ValueError(f"r_max_px must be in (0, N//2 = {n // 2}]; got {r_max_px}")
+    rotations = np.asarray(rotations, dtype=np.float64)
+    shifts_px = np.asarray(shifts_px, dtype=np.float64)
+    if rotations.ndim != 4 or rotations.shape[0] != m or rotations.shape[2:] != (3, 3):
+        raise ValueError(
+            f"rotations must have shape ({m}, J, 3, 3); got {rotations.shape}"
+        )
+    if shifts_px.ndim != 3 or shifts_px.shape[0] != m or shifts_px.shape[2] != 2:
+        raise ValueError(
+            f"shifts_px must have shape ({m}, S, 2); got {shifts_px.shape}"
+        )
+    if rotation_shifts_px is not None:
+        rotation_shifts_px = np.asarray(rotation_shifts_px, dtype=np.float64)
+        if rotation_shifts_px.shape != rotations.shape[:2] + (2,):
+            raise ValueError(
+                f"rotation_shifts_px must have shape {rotations.shape[:2] + (2,)}; "
+                f"got {rotation_shifts_px.shape}"
+            )
+    return images_f, ctf, inv_sigma2, rotations, shifts_px, rotation_shifts_px
+
+
+def _score_cuda(
+    projector,
+    images_f: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    rotations: np.ndarray,
+    shifts_px: np.ndarray,
+    *,
+    r_max_px: float,
+    rotation_shifts_px: np.ndarray | None = None,
+) -> np.ndarray:
+    """Scores on the GPU; arguments and result as :func:`.engine.scoring.score_poses`.
+
+    Parameters
+    ----------
+    projector : FourierProjector
+        Its padded volume is uploaded once (:func:`.cuda_projector.device_volume`).
+    images_f : ndarray, shape (m, N, N//2+1), complex
+    ctf : ndarray, shape (m, N, N//2+1) (or broadcastable), real
+    inv_sigma2 : ndarray, shape (m, N//2+1) (or broadcastable)
+    rotations : ndarray, shape (m, J, 3, 3)
+        RELION matrices ``A``.
+    shifts_px : ndarray, shape (m, S, 2)
+        Origins in pixels (RELION rlnOriginX/Y; engine/scoring.py).
+    r_max_px : float
+        Cycles per box, <= N//2.
+    rotation_shifts_px : ndarray, shape (m, J, 2), optional
+        Extra origin per rotation (fulcrum term).
+
+    Returns
+    -------
+    ndarray, shape (m, J, S), float64
+        Computed in float32 (relative agreement with the engine ~1e-5).
+    """
+    from pycuda import gpuarray
+
+    images_f, ctf, inv_sigma2, rotations, shifts_px, rs = _check(
+        images_f, ctf, inv_sigma2, rotations, shifts_px, r_max_px, rotation_shifts_px
+    )
+    m, n = images_f.shape[:2]
+    n_rot, n_shift = rotations.shape[1], shifts_px.shape[1]
+    module = load_kernels("scoring.cu")
+    phase_table = module.get_function("phase_table")
+    score_tiles = module.get_function("score_tiles")
+    vol = device_volume(projector)
+    flat, mult, shell, kx_g, ky_g = _pixels(n, float(r_max_px))
+    npix = flat.size
+    out = np.empty((m, n_rot, n_shift), dtype=np.float64)
+    per_particle = 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (9 + 2 + n_shift)
+    batch = batch_size_for(per_particle, fixed_bytes=vol.nbytes, cap=65535)
+    for start in range(0, m, batch):
+        sl = slice(start, min(start + batch, m))
+        b = sl.stop - sl.start
+        w1, y = fold_weights(images_f[sl], ctf[sl], inv_sigma2[sl], flat, mult, shell)
+        y_g = gpuarray.to_gpu(y)
+        sh_g = gpuarray.to_gpu(shifts_px[sl].astype(np.float32))
+        z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
+        phase_table(
+            y_g, sh_g, np.int32(b), np.int32(n_shift), kx_g, ky_g, np.int32(npix),
+            np.int32(n), np.float32(ORIGIN_PHASE_SIGN), z_g,
+            block=(128, 1, 1), grid=((npix + 127) // 128, n_shift, b),
+        )  # fmt: skip
+        rot_g = gpuarray.to_gpu(rotations[sl].reshape(b, n_rot, 9).astype(np.float32))
+        rs_g = None if rs is None else gpuarray.to_gpu(rs[sl].astype(np.float32))
+        w1_g = gpuarray.to_gpu(w1)
+        out_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
+        score_tiles(
+            vol, np.int32(projector.c), np.float32(projector.padding),
+            rot_g, np.intp(0) if rs_g is None else rs_g, np.int32(n),
+            np.float32(ORIGIN_PHASE_SIGN),
+            np.int32(b), np.int32(n_rot), kx_g, ky_g, w1_g, z_g,
+            np.int32(n_shift), np.int32(npix), out_g,
+            block=(16, 16, 1),
+            grid=(-(-n_rot // _TILE), -(-n_shift // _TILE), b),
+        )  # fmt: skip
+        out[sl] = out_g.get()
+    return out
+
+
+def score_poses(
+    projector,
+    images_f: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    rotations: np.ndarray,
+    shifts_px: np.ndarray,
+    *,
+    r_max_px: float,
+    rotation_shifts_px: np.ndarray | None = None,
+    device: str = "auto",
+) -> np.ndarray:
+    """:func:`.engine.scoring.score_poses` on ``device`` (``auto | cpu | cuda``).
+
+    Logs (debug) which path ran. Arguments and result as the engine's.
+    """
+    args = (projector, images_f, ctf, inv_sigma2, rotations, shifts_px)
+    kw = {"r_max_px": r_max_px, "rotation_shifts_px": rotation_shifts_px}
+    if select_device(device) == "cuda":
+        log.debug("score_poses: CUDA path, rotations %s", np.shape(rotations))
+        return _score_cuda(*args, **kw)
+    log.debug("score_poses: CPU path, rotations %s", np.shape(rotations))
+    return _score_host(*args, **kw)
+
+
+def get_score_fn():
+    """The GPU ``score_fn`` for :func:`.engine.search.local_search`.
+
+    Raises ``ImportError`` (no PyCUDA) or ``RuntimeError`` (no usable GPU),
+    as ``engine/refine_device.py`` expects.
+    """
+    from .backend import cuda_available, ensure_context
+
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"PyCUDA is not installed ({exc}); pip install .[gpu]"
+        ) from None
+    ok, reason = cuda_available()
+    if not ok:
+        raise RuntimeError(reason)
+    ensure_context()
+    load_kernels("scoring.cu")
+    return _score_cuda

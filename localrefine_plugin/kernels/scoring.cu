@@ -1,0 +1,150 @@
+// Pose scoring: many candidate rotations x shifts per particle, several
+// particles per launch. Conventions: localrefine_common.h. Loaded by
+// cuda_scoring.py with no_extern_c=True.
+//
+// For particle i, rotation j, shift s (engine.scoring.score_poses):
+//   score[i, j, s] = sum_p w1[i, p] |P_ij(p)|^2 - Re sum_p P_ij(p) Z[i, s, p]
+// where P_ij is the central slice of rotation j, times
+// exp(sign 2 pi i (kx rx_ij + ky ry_ij) / N) when a per-rotation (fulcrum) origin
+// r_ij is given (rotation_shifts_px of score_poses), and
+// with, over the P half-plane pixels inside the scoring radius,
+//   w1[i, p] = 0.5 * mult_p * ctf_ip^2 / sigma2_i(shell_p)
+//   Y[i, p]  = mult_p * ctf_ip / sigma2_i(shell_p) * conj(X_ip)
+//   Z[i, s, p] = Y[i, p] * exp(sign 2 pi i (kx_p dx_is + ky_p dy_is) / N)
+// (mult_p = 1 on the columns kx = 0 and kx = N/2, else 2), i.e.
+// 0.5 sum_k mult |ctf P shift_s - X|^2 / sigma^2 without the pose-free |X|^2.
+// sign = +1: RELION moves the projection by -origin, so the model is
+// ctf P exp(+2 pi i k.o / N) (engine/scoring.py; the host passes the sign).
+// The cross term is a complex matrix product (rotations x pixels) . (pixels x
+// shifts): tiles of TJ rotations and TS shifts per block, TP pixels per step;
+// the slice values of a tile are interpolated once into shared memory and
+// reused by all TS shifts.
+#include "localrefine_common.h"
+
+#define LR_TJ 32
+#define LR_TS 32
+#define LR_TP 32
+#define LR_THREADS 256
+
+// Z[i, s, p] = Y[i, p] * exp(sign 2 pi i (kx_p dx + ky_p dy) / N).
+// grid: (ceil(npix / blockDim.x), S, m).
+extern "C" __global__ void phase_table(const float2* __restrict__ y,
+                                       const float* __restrict__ shifts, int m, int S,
+                                       const float* __restrict__ kx,
+                                       const float* __restrict__ ky, int npix, int n,
+                                       float sign, float2* __restrict__ z) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    const int s = blockIdx.y;
+    const int i = blockIdx.z;
+    if (p >= npix || s >= S || i >= m) return;
+    const float dx = shifts[2 * ((size_t)i * S + s)];
+    const float dy = shifts[2 * ((size_t)i * S + s) + 1];
+    float sn, cs;
+    sincospif(sign * 2.0f * (kx[p] * dx + ky[p] * dy) / (float)n, &sn, &cs);
+    const float2 v = y[(size_t)i * npix + p];
+    z[((size_t)i * S + s) * npix + p] = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
+}
+
+// score[i, j, s] for a tile of LR_TJ rotations and LR_TS shifts of particle i.
+// grid: (ceil(J / LR_TJ), ceil(S / LR_TS), m); block: (16, 16).
+// rot: (m, J, 9) row-major A; rshift: (m, J, 2) pixels or NULL; n: box size;
+// sign: of the origin phases (see top);
+// w1: (m, npix); z: (m, S, npix); out: (m, J, S).
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+score_tiles(const float2* __restrict__ vol, int c, float padding,
+            const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+            float sign, int m, int J,
+            const float* __restrict__ kx, const float* __restrict__ ky,
+            const float* __restrict__ w1, const float2* __restrict__ z, int S, int npix,
+            float* __restrict__ out) {
+    const int i = blockIdx.z;
+    const int j0 = blockIdx.x * LR_TJ;
+    const int s0 = blockIdx.y * LR_TS;
+    if (i >= m || j0 >= J || s0 >= S) return;  // block-uniform guard
+
+    __shared__ float rot_s[LR_TJ][8];  // rows 0, 1 of A and the rotation's origin
+    __shared__ float2 p_s[LR_TP][LR_TJ + 1];
+    __shared__ float2 z_s[LR_TP][LR_TS + 1];
+    __shared__ float a_s[LR_TJ];
+
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int t = ty * 16 + tx;
+    const int lane = t & 31, warp = t >> 5;  // 8 warps
+
+    for (int k = t; k < LR_TJ * 6; k += LR_THREADS) {
+        const int jj = k / 6, r = k - 6 * jj;
+        rot_s[jj][r] = (j0 + jj < J) ? rot[((size_t)i * J + j0 + jj) * 9 + r] : 0.0f;
+    }
+    for (int k = t; k < LR_TJ * 2; k += LR_THREADS) {
+        const int jj = k >> 1, r = k & 1;
+        rot_s[jj][6 + r] =
+            (rshift && j0 + jj < J) ? rshift[((size_t)i * J + j0 + jj) * 2 + r] : 0.0f;
+    }
+    __syncthreads();
+
+    const float* w1i = w1 + (size_t)i * npix;
+    const float2* zi = z + (size_t)i * S * npix;
+    float a_acc[LR_TJ / 8];  // |P|^2 term of rotations warp + 8 k
+#pragma unroll
+    for (int k = 0; k < LR_TJ / 8; ++k) a_acc[k] = 0.0f;
+    float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
+
+    for (int p0 = 0; p0 < npix; p0 += LR_TP) {
+        // slice values: lane -> pixel (neighbouring pixels read neighbouring voxels)
+        const int p = p0 + lane;
+        const bool pin = p < npix;
+        const float kxp = pin ? kx[p] : 0.0f, kyp = pin ? ky[p] : 0.0f;
+        const float w = pin ? w1i[p] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < LR_TJ / 8; ++k) {
+            const int jj = warp + 8 * k;
+            float2 v = make_float2(0.0f, 0.0f);
+            if (pin && j0 + jj < J) {
+                float qx, qy, qz;
+                lr_slice_point(rot_s[jj], kxp, kyp, padding, &qx, &qy, &qz);
+                v = lr_sample(vol, c, qx, qy, qz);
+                if (rshift) {  // launch-uniform branch
+                    float sn, cs;
+                    sincospif(sign * 2.0f * (kxp * rot_s[jj][6] + kyp * rot_s[jj][7]) / (float)n,
+                              &sn, &cs);
+                    v = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
+                }
+                a_acc[k] += w * (v.x * v.x + v.y * v.y);
+            }
+            p_s[lane][jj] = v;
+        }
+        // phase-table tile: lane -> pixel (coalesced), warp + 8 k -> shift
+#pragma unroll
+        for (int k = 0; k < LR_TS / 8; ++k) {
+            const int ss = warp + 8 * k;
+            z_s[lane][ss] = (pin && s0 + ss < S) ? zi[(size_t)(s0 + ss) * npix + p]
+                                                 : make_float2(0.0f, 0.0f);
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int pp = 0; pp < LR_TP; ++pp) {
+            const float2 pa = p_s[pp][ty], pb = p_s[pp][ty + 16];
+            const float2 za = z_s[pp][tx], zb = z_s[pp][tx + 16];
+            acc00 += pa.x * za.x - pa.y * za.y;
+            acc01 += pa.x * zb.x - pa.y * zb.y;
+            acc10 += pb.x * za.x - pb.y * za.y;
+            acc11 += pb.x * zb.x - pb.y * zb.y;
+        }
+        __syncthreads();
+    }
+    // |P|^2 terms: reduce over the 32 pixels (lanes) of each warp
+#pragma unroll
+    for (int k = 0; k < LR_TJ / 8; ++k) {
+        float v = a_acc[k];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+        if (lane == 0) a_s[warp + 8 * k] = v;
+    }
+    __syncthreads();
+    const int ja = j0 + ty, jb = j0 + ty + 16, sa = s0 + tx, sb = s0 + tx + 16;
+    float* outi = out + (size_t)i * J * S;
+    if (ja < J && sa < S) outi[(size_t)ja * S + sa] = a_s[ty] - acc00;
+    if (ja < J && sb < S) outi[(size_t)ja * S + sb] = a_s[ty] - acc01;
+    if (jb < J && sa < S) outi[(size_t)jb * S + sa] = a_s[ty + 16] - acc10;
+    if (jb < J && sb < S) outi[(size_t)jb * S + sb] = a_s[ty + 16] - acc11;
+}
