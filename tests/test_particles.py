@@ -12,7 +12,7 @@ import pytest
 
 from localrefine_plugin.engine.ctf import CtfParams
 from localrefine_plugin.engine.errors import InputError
-from localrefine_plugin.engine.mrc_io import read_map, write_stack
+from localrefine_plugin.engine.mrc_io import read_map, write_map, write_stack
 from localrefine_plugin.engine.particles import (
     make_particles,
     read_particles,
@@ -424,3 +424,71 @@ def test_relion_reconstruct_reads_our_poses_and_origins(tmp_path, relion_bin):
     np.testing.assert_allclose(com, 0, atol=0.1)
     wrong, _ = reconstruct(-origin, "wrong_sign")
     assert wrong.max() < 0.5 * vol.max()
+
+
+@pytest.mark.relion
+def test_relion_written_star_reads_and_round_trips_losslessly(tmp_path, relion_bin):
+    """relion_project reads our STAR (poses, origins) and writes its own, which we read."""
+    rng = np.random.default_rng(9)
+    n, box, pixel_a = 3, 32, 2.0
+    z, y, x = np.indices((box, box, box)) - box // 2
+    blob = np.exp(-(x**2 + y**2 + z**2) / (2 * 2.0**2)).astype(np.float32)
+    write_map(tmp_path / "blob.mrc", blob, pixel_a)
+    write_stack(tmp_path / "dummy.mrcs", np.zeros((n, box, box)), pixel_a)
+    origin = np.array([[3.0, -1.0], [-2.0, 2.0], [0.5, 0.0]])
+    ours = make_particles(
+        image_refs=[(tmp_path / "dummy.mrcs", i) for i in range(n)],
+        rot_deg=rng.uniform(-180, 180, n),
+        tilt_deg=rng.uniform(0, 180, n),
+        psi_deg=rng.uniform(-180, 180, n),
+        origin_px=origin,
+        ctf=None,
+        pixel_size_a=pixel_a,
+        box=box,
+        random_subset=[1, 2, 1],
+    )
+    write_particles(tmp_path / "ours.star", ours)
+    subprocess.run(
+        [
+            str(relion_bin / "relion_project"),
+            "--i",
+            "blob.mrc",
+            "--o",
+            "proj",
+            "--ang",
+            "ours.star",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    theirs = read_particles(tmp_path / "proj.star")
+    theirs.validate_images()
+    assert theirs.n == n and theirs.box == box and theirs.pixel_size_a == pixel_a
+    np.testing.assert_allclose(theirs.rot_deg, ours.rot_deg, atol=1e-5)
+    np.testing.assert_allclose(theirs.tilt_deg, ours.tilt_deg, atol=1e-5)
+    np.testing.assert_allclose(theirs.psi_deg, ours.psi_deg, atol=1e-5)
+    np.testing.assert_allclose(theirs.origin_px, origin, atol=1e-5)
+    images = theirs.load_images(range(n))
+    peaks = [np.unravel_index(np.argmax(im), im.shape) for im in images]  # (y, x)
+    expected = [(box // 2 - int(oy), box // 2 - int(ox)) for ox, oy in origin[:2]]
+    assert peaks[:2] == expected  # RELION moves the content by -origin
+    write_particles(tmp_path / "again.star", theirs)
+    again = read_star(tmp_path / "again.star")
+    source = read_star(tmp_path / "proj.star")
+    assert again["optics"] == source["optics"]
+    for name in source["particles"].columns:  # RELION's columns kept verbatim
+        assert again["particles"].column(name) == source["particles"].column(name)
+    assert again["particles"].column("rlnRandomSubset") == ["1", "2", "1"]
+
+
+def test_box_from_the_stack_header_when_the_star_lacks_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _stacks_for_sample_31(tmp_path, box=16)
+    star = _without_columns(SAMPLE_31, tmp_path / "p.star", "rlnImageSize")
+    assert read_particles(star).box == 16
+    (tmp_path / "Particles").mkdir()
+    with pytest.raises(InputError, match="particle stack not found") as err:
+        read_particles(SAMPLE_30)  # RELION 3.0: the box comes from the stack header
+    assert err.value.path == str(tmp_path / "Particles" / "mic1.mrcs")

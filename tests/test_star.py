@@ -195,3 +195,37 @@ def test_relion_reads_what_we_write(tmp_path, relion_bin):
         timeout=60,
     )
     assert [float(v) for v in optics.stdout.split()] == [200.0, 300.0]
+
+
+def test_values_that_need_quotes_survive_a_round_trip(tmp_path):
+    tricky = [
+        "",
+        "_x",
+        "data_y",
+        "#c",
+        "a b",
+        "plain",
+        "1.5",
+        "x'y",
+        "loop_",
+        ";z",
+        "$v",
+        'q"r',
+        '"start',
+    ]
+    doc = StarDocument(
+        [
+            StarBlock("pairs", pairs={f"rlnKey{i}": v for i, v in enumerate(tricky)}),
+            StarBlock(
+                "loop",
+                columns={"rlnTricky": tricky, "rlnPlain": [str(i) for i in range(13)]},
+            ),
+        ]
+    )
+    path = tmp_path / "tricky.star"
+    write_star(path, doc)
+    assert read_star(path) == doc
+    text = path.read_text()
+    assert "\nplain" not in text and " plain" in text  # plain values stay unquoted
+    assert '"a b"' in text and '"_x"' in text and "'\"start'" in text
+    assert ' q"r ' in text  # a quote inside a value needs no quoting

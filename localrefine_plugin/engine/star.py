@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -373,19 +372,45 @@ class StarDocument:
 
 # -- reading --------------------------------------------------------------------
 def _tokens(line: str, path: Path, lineno: int) -> list[str]:
-    """Split a line into values, honouring quotes and stopping at a ``#`` comment."""
-    if "'" not in line and '"' not in line:
-        return line.split("#", 1)[0].split()
-    try:
-        lexer = shlex.shlex(line, posix=True)
-        lexer.whitespace_split = True
-        lexer.commenters = "#"
-        lexer.escape = ""
-        return list(lexer)
-    except ValueError as exc:
-        raise InputError(
-            path, f"line {lineno}: {exc} in {line.strip()!r}", "close the quoted value"
-        ) from None
+    """Split a line into values (STAR rules), stopping at a ``#`` comment.
+
+    A quote opens a quoted value only at the start of a value and closes it
+    only when followed by whitespace or the end of the line, so ``x'y`` is a
+    plain value and ``'it's'`` is ``it's``. A ``#`` starts a comment only at
+    the start of a value.
+    """
+    if "'" not in line and '"' not in line and "#" not in line:
+        return line.split()
+    tokens: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if c.isspace():
+            i += 1
+        elif c == "#":
+            break
+        elif c in "'\"":
+            j = i + 1
+            while True:
+                j = line.find(c, j)
+                if j < 0:
+                    raise InputError(
+                        path,
+                        f"line {lineno}: no closing {c} in {line.strip()!r}",
+                        "close the quoted value",
+                    )
+                if j + 1 == n or line[j + 1].isspace():
+                    break
+                j += 1
+            tokens.append(line[i + 1 : j])
+            i = j + 1
+        else:
+            j = i
+            while j < n and not line[j].isspace():
+                j += 1
+            tokens.append(line[i:j])
+            i = j
+    return tokens
 
 
 def read_star(path) -> StarDocument:
