@@ -31,6 +31,7 @@ __all__ = [
     "load_kernels",
     "batch_size_for",
     "device_name",
+    "zeros",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,18 @@ def load_kernels(filename: str):
             _state["modules"][filename] = module
             log.debug("compiled %s", filename)
         return module
+
+
+def zeros(shape, dtype):
+    """A zero-filled GPUArray, cleared with ``memset`` (no runtime-compiled fill kernel)."""
+    import pycuda.driver as cuda
+    from pycuda import gpuarray
+
+    ensure_context()
+    out = gpuarray.empty(shape, dtype=dtype)
+    if out.nbytes:
+        cuda.memset_d8(out.gpudata, 0, out.nbytes)
+    return out
 
 
 def device_name() -> str:

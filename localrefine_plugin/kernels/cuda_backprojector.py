@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from ..engine.backprojector import BackProjector
-from .backend import batch_size_for, load_kernels, select_device
+from .backend import batch_size_for, load_kernels, select_device, zeros
 
 __all__ = ["CudaBackProjector", "insert"]
 
@@ -102,18 +102,12 @@ class CudaBackProjector(BackProjector):
         d = data_g.get().astype(np.float64).reshape(self._weight.shape + (2,))
         self._data += d[..., 0] + 1j * d[..., 1]
         self._weight += weight_g.get().astype(np.float64).reshape(self._weight.shape)
-        data_g.fill(0)
-        weight_g.fill(0)
+        self._dev = None  # fresh zeroed buffers at the next insert
 
     def _device_accumulators(self):
-        from pycuda import gpuarray
-
         if self._dev is None:
             size = self._weight.size
-            self._dev = (
-                gpuarray.zeros(2 * size, dtype=self._acc_dtype),
-                gpuarray.zeros(size, dtype=self._acc_dtype),
-            )
+            self._dev = (zeros(2 * size, self._acc_dtype), zeros(size, self._acc_dtype))
         return self._dev
 
     def insert(

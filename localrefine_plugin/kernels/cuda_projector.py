@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 
 from ..engine.projector import FourierProjector, _pixels_within
-from .backend import batch_size_for, load_kernels, select_device
+from .backend import batch_size_for, load_kernels, select_device, zeros
 
 __all__ = ["CudaProjector", "project", "device_volume", "device_pixels"]
 
@@ -123,7 +123,7 @@ def _project_cuda(
     for start in range(0, m, batch):
         stop = min(start + batch, m)
         rot_g = gpuarray.to_gpu(rot[start:stop])
-        out_g = gpuarray.zeros((stop - start, stride), dtype=np.complex64)
+        out_g = zeros((stop - start, stride), np.complex64)
         grid = ((npix + _THREADS - 1) // _THREADS, stop - start)
         kernel(
             vol, np.int32(projector.c), np.float32(projector.padding),

@@ -1,0 +1,201 @@
+"""GPU kernels against the NumPy engine (needs PyCUDA and an NVIDIA GPU).
+
+Skipped, with the reason, where PyCUDA or a GPU is missing; with
+``LOCALREFINE_REQUIRE=gpu`` (``benchmarks/gpu_check.sh`` sets it) a missing GPU
+fails instead, so a GPU run never passes by skipping.
+
+Agreement demanded: projections and scores to 1e-4 relative (of the largest
+magnitude), the same best poses, reconstructions with FSC >= 0.999 against the
+CPU's at every shell, and a small local refinement reaching the CPU's
+resolution.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from localrefine_plugin.engine.backprojector import BackProjector
+from localrefine_plugin.engine.ctf import CtfParams, ctf_2d
+from localrefine_plugin.engine.fourier import image_to_fourier
+from localrefine_plugin.engine.fsc import fsc_curve
+from localrefine_plugin.engine.geometry import (
+    axis_angle_to_matrix,
+    euler_to_matrix,
+    geodesic_angle_deg,
+)
+from localrefine_plugin.engine.projector import FourierProjector, forward_model
+from localrefine_plugin.engine.scoring import score_poses
+from localrefine_plugin.engine.search import local_search
+
+from .conftest import blob_map
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.filterwarnings("ignore:The CUDA compiler succeeded:UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pycuda.*"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pytools.*"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """The GPU's name; skips (or fails under LOCALREFINE_REQUIRE=gpu) without one."""
+    from localrefine_plugin.kernels.backend import cuda_available, ensure_context
+
+    ok, reason = cuda_available()
+    if not ok:
+        if "gpu" in os.environ.get("LOCALREFINE_REQUIRE", "").split(","):
+            pytest.fail(f"GPU required but unavailable: {reason}")
+        pytest.skip(f"GPU path unavailable: {reason}")
+    ensure_context()
+    return reason
+
+
+def _random_rotations(rng, m):
+    return euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+
+
+@pytest.mark.parametrize("n", [64, 65])
+@pytest.mark.parametrize("r_max", [None, 20.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_projections_match_the_cpu(gpu, rng, n, r_max, dtype):
+    from localrefine_plugin.kernels.cuda_projector import CudaProjector, project
+
+    proj = FourierProjector(blob_map(n, seed=2).astype(dtype))
+    rots = _random_rotations(rng, 40)
+    cpu = proj.project(rots, r_max_px=r_max)
+    gpu_out = project(proj, rots, r_max_px=r_max, device="cuda")
+    assert gpu_out.shape == cpu.shape and gpu_out.dtype == cpu.dtype
+    assert np.abs(gpu_out - cpu).max() <= 1e-4 * np.abs(cpu).max()
+    # the drop-in object gives the same, single matrix keeps the shape
+    twin = CudaProjector(proj)
+    single = twin.project(rots[0], r_max_px=r_max)
+    assert single.shape == cpu.shape[1:]
+    assert np.abs(single - cpu[0]).max() <= 1e-4 * np.abs(cpu).max()
+
+
+def _particles(rng, n, m, *, snr=1.0):
+    proj = FourierProjector(blob_map(n, seed=5))
+    a_true = _random_rotations(rng, m)
+    o_true = rng.uniform(-2, 2, (m, 2))
+    d = rng.uniform(8000, 20000, m)
+    ctf = ctf_2d(CtfParams(d, 0.97 * d, rng.uniform(0, 180, m)), n, 2.0)
+    clean = forward_model(proj, a_true, origins_px=o_true, ctf=ctf)
+    sd = np.sqrt(np.mean(np.abs(clean) ** 2) / (n * n) / snr)
+    x = clean + image_to_fourier(rng.normal(0, sd, (m, n, n)).astype(np.float32))
+    inv_s2 = np.full((m, n // 2 + 1), 1.0 / (sd * sd * n * n))
+    return proj, x.astype(np.complex64), ctf, inv_s2, a_true, o_true
+
+
+@pytest.mark.parametrize("n", [64, 65])
+@pytest.mark.parametrize("with_rotation_shifts", [False, True])
+def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts):
+    from localrefine_plugin.kernels.cuda_scoring import score_poses as gpu_score
+
+    m, n_rot, n_shift = 5, 70, 37  # crosses the 32-wide tiles in both directions
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m)
+    axes = rng.normal(size=(m, n_rot, 3))
+    delta = axis_angle_to_matrix(axes, rng.uniform(0, 6, (m, n_rot)))
+    rots = np.einsum("mij,mnjk->mnik", a_true, delta)
+    rots[:, 0] = a_true
+    shifts = o_true[:, None, :] + rng.uniform(-2, 2, (m, n_shift, 2))
+    shifts[:, 0] = o_true
+    rs = rng.uniform(-1, 1, (m, n_rot, 2)) if with_rotation_shifts else None
+    kw = dict(r_max_px=n // 2 - 2, rotation_shifts_px=rs)
+    cpu = score_poses(proj, x, ctf, inv_s2, rots, shifts, **kw)
+    got = gpu_score(proj, x, ctf, inv_s2, rots, shifts, device="cuda", **kw)
+    assert got.shape == cpu.shape == (m, n_rot, n_shift)
+    assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
+    # same best pose for every particle
+    best_cpu = cpu.reshape(m, -1).argmin(1)
+    best_gpu = got.reshape(m, -1).argmin(1)
+    np.testing.assert_array_equal(best_gpu, best_cpu)
+
+
+def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng):
+    from localrefine_plugin.kernels import get_score_fn
+
+    n, m = 64, 24
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m, snr=0.5)
+    axes = rng.normal(size=(m, 3))
+    a_cons = np.einsum(
+        "mij,mjk->mik", a_true, axis_angle_to_matrix(axes, np.full(m, 3.0))
+    )
+    o_cons = o_true + rng.uniform(-1, 1, (m, 2))
+    kw = dict(
+        consensus_rotations=a_cons, consensus_origins_px=o_cons,
+        fulcrum_px=np.zeros(3), rotation_extent_deg=6.0, shift_extent_px=2.0,
+        alignment_resolution_deg=0.5, r_max_px=24.0, batch_size=24,
+    )  # fmt: skip
+    cpu = local_search(proj, x, ctf, inv_s2, **kw)
+    got = local_search(proj, x, ctf, inv_s2, score_fn=get_score_fn(), **kw)
+    same = (geodesic_angle_deg(cpu.rotations, got.rotations) < 1e-3) & (
+        np.abs(cpu.origins_px - got.origins_px).max(-1) < 1e-3
+    )
+    print(f"same best pose for {same.sum()} of {m} particles")  # in the gpu_check log
+    assert same.all(), f"best poses differ for particles {np.flatnonzero(~same)}"
+    np.testing.assert_allclose(
+        got.scores, cpu.scores, rtol=1e-4, atol=1e-4 * np.abs(cpu.scores).max()
+    )
+
+
+@pytest.mark.parametrize("accumulator", ["float32", "float64"])
+@pytest.mark.parametrize("n", [64, 65])
+def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector, insert
+
+    m = 400
+    proj = FourierProjector(blob_map(n, seed=4))
+    rots = _random_rotations(rng, m)
+    d = rng.uniform(8000, 20000, m)
+    ctf = ctf_2d(CtfParams(d, d, 0.0), n, 2.0)
+    f = forward_model(proj, rots, ctf=ctf)
+    weights = rng.uniform(0.5, 1.0, m)
+    cpu = BackProjector(n)
+    cpu.insert(f, rots, ctf=ctf, weights=weights)
+    dev = CudaBackProjector(n, accumulator=accumulator)
+    insert(
+        dev, f[:150], rots[:150], ctf=ctf[:150], weights=weights[:150], device="cuda"
+    )
+    dev.insert(f[150:], rots[150:], ctf=ctf[150:], weights=weights[150:])
+    assert dev.n_inserted == m
+    scale_d, scale_w = np.abs(cpu.data).max(), cpu.weight.max()
+    assert np.abs(dev.data - cpu.data).max() <= 1e-4 * scale_d
+    assert np.abs(dev.weight - cpu.weight).max() <= 1e-4 * scale_w
+    fsc = fsc_curve(dev.reconstruct(), cpu.reconstruct())
+    print(
+        f"box {n} {accumulator}: min FSC GPU vs CPU reconstruction {fsc[1:].min():.6f}"
+    )
+    assert fsc[1:].min() >= 0.999
+
+
+def test_refine_device_switch_picks_the_gpu(gpu):
+    from localrefine_plugin.engine.refine_device import select_backend
+
+    backend = select_backend("cuda")
+    assert backend.name == "cuda"
+    assert select_backend("auto").name == "cuda"
+
+
+@pytest.mark.slow
+def test_local_refinement_on_the_gpu_reaches_the_cpu_resolution(gpu, tmp_path):
+    from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
+
+    from .test_refine import FAST, make_dataset
+
+    data = make_dataset(
+        tmp_path / "data", n=160, snr=1.0, perturb_deg=2.0, perturb_px=0.5
+    )
+    results = {}
+    for device in ("cpu", "cuda"):
+        results[device] = run_local_refinement(
+            data["star"], data["reference"], data["mask"],
+            output_dir=tmp_path / device, options=RefineOptions(**FAST), device=device,
+        )  # fmt: skip
+    cpu, cuda = results["cpu"].resolution_a, results["cuda"].resolution_a
+    print(f"local refinement resolution: CPU {cpu:.2f} A, GPU {cuda:.2f} A")
+    assert results["cuda"].summary.get("device", "cuda") == "cuda"
+    assert cuda <= cpu * 1.02
