@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -492,3 +493,43 @@ def test_box_from_the_stack_header_when_the_star_lacks_it(tmp_path, monkeypatch)
     with pytest.raises(InputError, match="particle stack not found") as err:
         read_particles(SAMPLE_30)  # RELION 3.0: the box comes from the stack header
     assert err.value.path == str(tmp_path / "Particles" / "mic1.mrcs")
+
+
+def test_load_images_from_threads_with_few_open_stacks(tmp_path, monkeypatch):
+    import localrefine_plugin.engine.particles as particles_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        particles_module, "_MAX_OPEN_STACKS", 1
+    )  # evict on every switch
+    stacks = _stacks_for_sample_31(tmp_path)
+    p = read_particles(SAMPLE_31)
+    rng = np.random.default_rng(6)
+    batches = [rng.integers(0, 4, 6) for _ in range(40)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(p.load_images, batches))
+    for idx, got in zip(batches, results, strict=True):
+        np.testing.assert_array_equal(
+            got, np.stack([stacks[i // 2][i % 2] for i in idx])
+        )
+    assert len(p._cache.values()) == 1
+
+
+def test_missing_optional_ctf_columns_take_relion_defaults(tmp_path):
+    star = _without_columns(
+        SAMPLE_31,
+        tmp_path / "p.star",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnCtfBFactor",
+        "rlnCtfScalefactor",
+        "rlnPhaseShift",
+    )
+    c = read_particles(star).ctf
+    np.testing.assert_array_equal(c.defocus_v_a, c.defocus_u_a)  # no astigmatism
+    np.testing.assert_array_equal(c.defocus_angle_deg, 0.0)
+    np.testing.assert_array_equal(c.bfactor_a2, 0.0)
+    np.testing.assert_array_equal(c.scale, 1.0)
+    np.testing.assert_array_equal(c.phase_shift_deg, 0.0)
+    no_ctf = _without_columns(SAMPLE_31, tmp_path / "q.star", "rlnDefocusU")
+    assert read_particles(no_ctf).ctf is None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,36 @@ _SPLIT_FIX = (
     "split the particle set by optics group (e.g. relion_star_handler --split_by_optics) "
     "and process each part separately"
 )
+
+
+class _StackCache:
+    """Open memory-mapped stacks, least recently used dropped first; thread-safe.
+
+    Copies made by :meth:`Particles.subset` and :meth:`Particles.with_poses`
+    share one cache. At most ``_MAX_OPEN_STACKS`` maps stay open (one file
+    descriptor each).
+    """
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[Path, np.memmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> np.memmap:
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is not None:
+                self._maps.move_to_end(path)
+                return mm
+        mm = open_stack(path)  # header read outside the lock
+        with self._lock:
+            mm = self._maps.setdefault(path, mm)
+            while len(self._maps) > _MAX_OPEN_STACKS:
+                self._maps.popitem(last=False)
+        return mm
+
+    def values(self) -> list[np.memmap]:
+        with self._lock:
+            return list(self._maps.values())
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -126,7 +157,7 @@ class Particles:
         star_path: Path | None = None,
         from_relion30: bool = False,
         names_from_refs: bool = False,
-        _cache: OrderedDict | None = None,
+        _cache: _StackCache | None = None,
     ) -> None:
         self.rot_deg = _readonly(np.asarray(rot_deg, dtype=np.float64))
         self.n = self.rot_deg.shape[0]
@@ -150,7 +181,7 @@ class Particles:
         self._layout = list(layout)
         self._from_relion30 = from_relion30
         self._names_from_refs = names_from_refs
-        self._cache = OrderedDict() if _cache is None else _cache
+        self._cache = _StackCache() if _cache is None else _cache
         for name in (
             "tilt_deg",
             "psi_deg",
@@ -334,16 +365,7 @@ class Particles:
                 )
 
     def _stack(self, s: int) -> np.memmap:
-        key = self.stack_paths[s]
-        mm = self._cache.get(key)
-        if mm is None:
-            mm = open_stack(key)
-            self._cache[key] = mm
-            while len(self._cache) > _MAX_OPEN_STACKS:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return mm
+        return self._cache.get(self.stack_paths[s])
 
     def load_images(self, indices) -> np.ndarray:
         """Read particle images from the memory-mapped stacks.
@@ -524,11 +546,9 @@ def _ctf_from(block: StarBlock, voltage, cs, q0, path: Path) -> CtfParams | None
     du = block.column_as_float("rlnDefocusU")
 
     def col(name, default):
-        return (
-            block.column_as_float(name)
-            if block.has_column(name)
-            else np.full(n, default, float)
-        )
+        if block.has_column(name):
+            return block.column_as_float(name)
+        return np.array(np.broadcast_to(default, (n,)), dtype=np.float64)
 
     for what, value in (
         ("_rlnVoltage", voltage),
@@ -543,9 +563,7 @@ def _ctf_from(block: StarBlock, voltage, cs, q0, path: Path) -> CtfParams | None
             )
     return CtfParams(
         defocus_u_a=du,
-        defocus_v_a=col("rlnDefocusV", 0.0)
-        if block.has_column("rlnDefocusV")
-        else du.copy(),
+        defocus_v_a=col("rlnDefocusV", du),  # V = U when absent
         defocus_angle_deg=col("rlnDefocusAngle", 0.0),
         voltage_kv=np.asarray(voltage, dtype=np.float64),
         cs_mm=np.asarray(cs, dtype=np.float64),
