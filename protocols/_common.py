@@ -154,3 +154,14 @@ def args_line(command: str, args: dict) -> str:
         else:
             parts.extend([key, shlex.quote(str(value))])
     return " ".join(parts)
+
+
+def summary_resolution(summary: dict) -> float | None:
+    """Final resolution (A, masked, corrected, FSC 0.143) of ``summary.json``.
+
+    Issue 3 names the key ``resolution_A``; the engine may write ``resolution_a``.
+    """
+    for key in ("resolution_A", "resolution_a"):
+        if summary.get(key) is not None:
+            return float(summary[key])
+    return None

@@ -34,6 +34,7 @@ from ._common import (
     parse_gpu_list,
     read_fsc_csv,
     read_summary,
+    summary_resolution,
 )
 
 
@@ -426,7 +427,7 @@ class ProtLocalRefine(ProtRefine3D):
         ]
         summary = self._readSummary()
         if summary:
-            res = summary.get("resolution_A")
+            res = summary_resolution(summary)
             its = iteration_history(summary)
             n_it = len(its) if its else summary.get("iterations")
             lines.append(
@@ -450,10 +451,10 @@ class ProtLocalRefine(ProtRefine3D):
             f"{self.initialLowpass.get():g} A."
         )
         summary = self._readSummary()
-        if summary.get("resolution_A") is not None:
+        if summary_resolution(summary) is not None:
             text += (
                 f" The masked, phase-randomisation-corrected [Chen2013] FSC fell "
-                f"below {FSC_THRESHOLD} at {_fmt_res(summary['resolution_A'])}."
+                f"below {FSC_THRESHOLD} at {_fmt_res(summary_resolution(summary))}."
             )
         return [text]
 
