@@ -243,3 +243,15 @@ def test_relion_reads_our_files_and_we_read_relions(tmp_path, relion_bin):
     back, pixel_size = read_map(tmp_path / "m2.mrc")
     np.testing.assert_array_equal(back, 2 * vol)
     assert pixel_size == pytest.approx(1.25)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    usual = plain.stat().st_mode & 0o777  # what the umask gives an ordinary file
+    write_map(tmp_path / "m.mrc", np.zeros((4, 4, 4)), 1.0)
+    write_stack(tmp_path / "s.mrcs", np.zeros((2, 4, 4)), 1.0)
+    with StackWriter(tmp_path / "w.mrcs", 1, 4, 1.0) as writer:
+        writer.write(0, np.zeros((1, 4, 4)))
+    for name in ("m.mrc", "s.mrcs", "w.mrcs"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == usual, name

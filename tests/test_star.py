@@ -229,3 +229,18 @@ def test_values_that_need_quotes_survive_a_round_trip(tmp_path):
     assert "\nplain" not in text and " plain" in text  # plain values stay unquoted
     assert '"a b"' in text and '"_x"' in text and "'\"start'" in text
     assert ' q"r ' in text  # a quote inside a value needs no quoting
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "p.star"
+    good = StarDocument([StarBlock("a", pairs={"rlnKey": "1"})])
+    write_star(path, good)
+    before = path.read_text()
+    bad = StarDocument([StarBlock("a", pairs={"rlnKey": "both ' and \" quotes"})])
+    with pytest.raises(ValueError, match="both quote characters"):
+        write_star(path, bad)
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.star"]
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

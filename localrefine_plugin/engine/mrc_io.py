@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,11 +240,13 @@ def open_stack(path) -> np.memmap:
 
 
 def _temporary_sibling(path: Path) -> Path:
-    """A new, empty file beside ``path`` (same folder, so ``os.replace`` is atomic)."""
+    """A new unique name beside ``path`` (same folder, so ``os.replace`` is atomic).
+
+    The file is not created here: mrcfile creates it (refusing an existing
+    one), with the usual permissions.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def _remove_quietly(path: Path) -> None:
@@ -263,7 +265,7 @@ def _write_mrc(path, data: np.ndarray, pixel_size_a: float, *, stack: bool) -> N
         )
     tmp = _temporary_sibling(path)
     try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
+        with mrcfile.new(tmp) as mrc:
             mrc.set_data(data)
             if stack:
                 mrc.set_image_stack()
@@ -369,7 +371,6 @@ class StackWriter:
                 self._tmp,
                 shape=(self.n, self.box, self.box),
                 mrc_mode=2,
-                overwrite=True,
             )
             self._mrc.set_image_stack()
             self._mrc.voxel_size = self.pixel_size_a

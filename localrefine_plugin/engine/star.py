@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,7 +24,14 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["StarBlock", "StarDocument", "read_star", "write_star", "format_values"]
+__all__ = [
+    "StarBlock",
+    "StarDocument",
+    "read_star",
+    "write_star",
+    "star_text",
+    "format_values",
+]
 
 log = logging.getLogger(__name__)
 
@@ -575,9 +583,10 @@ def write_star(path, doc: StarDocument) -> None:
     path = Path(path)
     text = star_text(doc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a unique name beside the target ("x": never reuse a file; usual permissions)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
