@@ -89,20 +89,21 @@ def test_geodesic_angle(rng):
 
 
 def test_fulcrum_shift_keeps_the_fulcrum_in_place(rng):
-    # A map point p appears at (A p)_xy + origin; after the pose change with the fulcrum shift,
+    # A map point p appears at (A p)_xy - origin (RELION); after the pose change with the
+    # fulcrum shift,
     # the fulcrum f appears where it did before, and any point turns about it.
     a_old = euler_to_matrix(*_random_eulers(rng, 50))
     r = axis_angle_to_matrix(rng.normal(size=(50, 3)), rng.uniform(0, 10, 50))
     a_new = a_old @ r
     f = np.array([5.0, -7.0, 3.0])
     origin_old = rng.normal(size=(50, 2))
-    origin_new = origin_old - fulcrum_shift(a_new, a_old, f)
-    before = (a_old @ f)[:, :2] + origin_old
-    after = (a_new @ f)[:, :2] + origin_new
+    origin_new = origin_old + fulcrum_shift(a_new, a_old, f)
+    before = (a_old @ f)[:, :2] - origin_old
+    after = (a_new @ f)[:, :2] - origin_new
     np.testing.assert_allclose(after, before, atol=1e-12)
     # a point p moved by R about f, seen at the old pose, equals p seen at the new pose
     p = np.array([1.0, 2.0, -4.0])
     moved = np.einsum("nij,nj->ni", r, np.broadcast_to(p - f, (50, 3))) + f
-    seen_old = np.einsum("nij,nj->ni", a_old, moved)[:, :2] + origin_old
-    seen_new = (a_new @ p)[:, :2] + origin_new
+    seen_old = np.einsum("nij,nj->ni", a_old, moved)[:, :2] - origin_old
+    seen_new = (a_new @ p)[:, :2] - origin_new
     np.testing.assert_allclose(seen_new, seen_old, atol=1e-12)

@@ -199,11 +199,11 @@ def fulcrum_shift(
     Returns
     -------
     ndarray, shape (..., 2)
-        ``(A_new - A_old) @ f`` restricted to x and y: the fulcrum projects to
-        ``A_old @ f`` in the old image and to ``A_new @ f`` under the new rotation,
-        so adding ``-(A_new - A_old) f`` to the image origin keeps it in place.
-        A pose change "rotate by ``a_new`` about ``f``" is therefore the standard
-        pose ``a_new`` with origin ``origin_old - fulcrum_shift(...)``.
+        ``((A_new - A_old) @ f)_xy``. With RELION's origins a map point ``p``
+        appears in the image at ``(A p)_xy - origin``, so the fulcrum stays where
+        it was when the origin changes by this amount: the pose change "rotate
+        to ``a_new`` about ``f``" is the standard pose ``a_new`` with origin
+        ``origin_old + fulcrum_shift(a_new, a_old, f)``.
     """
     d = np.asarray(a_new) - np.asarray(a_old)
     return np.einsum("...ij,j->...i", d, np.asarray(fulcrum_px, dtype=np.float64))[
