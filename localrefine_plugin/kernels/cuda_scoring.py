@@ -212,49 +212,81 @@ def _score_cuda(
     ndarray, shape (m, J, S), float64
         Computed in float32 (relative agreement with the engine ~1e-5).
     """
-    from pycuda import gpuarray
-
     images_f, ctf, inv_sigma2, rotations, shifts_px, rs = _check(
         images_f, ctf, inv_sigma2, rotations, shifts_px, r_max_px, rotation_shifts_px
     )
     m, n = images_f.shape[:2]
     n_rot, n_shift = rotations.shape[1], shifts_px.shape[1]
-    module = load_kernels("scoring.cu")
-    phase_table = module.get_function("phase_table")
-    score_tiles = module.get_function("score_tiles")
     vol = device_volume(projector)
-    flat, mult, shell, kx_g, ky_g = _pixels(n, float(r_max_px))
-    npix = flat.size
+    npix = half_plane_pixels(n, float(r_max_px))[0].size
     out = np.empty((m, n_rot, n_shift), dtype=np.float64)
     per_particle = 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (9 + 2 + n_shift)
     batch = batch_size_for(per_particle, fixed_bytes=vol.nbytes, cap=65535)
     for start in range(0, m, batch):
         sl = slice(start, min(start + batch, m))
-        b = sl.stop - sl.start
-        w1, y = fold_weights(images_f[sl], ctf[sl], inv_sigma2[sl], flat, mult, shell)
-        y_g = gpuarray.to_gpu(y)
-        sh_g = gpuarray.to_gpu(shifts_px[sl].astype(np.float32))
-        z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
-        phase_table(
-            y_g, sh_g, np.int32(b), np.int32(n_shift), kx_g, ky_g, np.int32(npix),
-            np.int32(n), np.float32(ORIGIN_PHASE_SIGN), z_g,
-            block=(128, 1, 1), grid=((npix + 127) // 128, n_shift, b),
+        launch = _ScoreLaunch(
+            projector, images_f[sl], ctf[sl], inv_sigma2[sl], rotations[sl], shifts_px[sl],
+            None if rs is None else rs[sl], float(r_max_px),
         )  # fmt: skip
-        rot_g = gpuarray.to_gpu(rotations[sl].reshape(b, n_rot, 9).astype(np.float32))
-        rs_g = None if rs is None else gpuarray.to_gpu(rs[sl].astype(np.float32))
-        w1_g = gpuarray.to_gpu(w1)
-        out_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
-        score_tiles(
-            vol, np.int32(projector.c), np.float32(projector.padding),
-            rot_g, np.intp(0) if rs_g is None else rs_g, np.int32(n),
-            np.float32(ORIGIN_PHASE_SIGN),
-            np.int32(b), np.int32(n_rot), kx_g, ky_g, w1_g, z_g,
-            np.int32(n_shift), np.int32(npix), out_g,
-            block=(16, 16, 1),
-            grid=(-(-n_rot // _TILE), -(-n_shift // _TILE), b),
-        )  # fmt: skip
-        out[sl] = out_g.get()
+        launch.phase_table()
+        out[sl] = launch.scores().get()
     return out
+
+
+class _ScoreLaunch:
+    """Device buffers of one batch and the two kernel launches (also used by the benchmark).
+
+    Arguments as :func:`_score_cuda` after ``_check`` (one batch of ``b`` particles).
+    """
+
+    def __init__(
+        self, projector, images_f, ctf, inv_sigma2, rotations, shifts_px, rs, r_max_px
+    ):
+        from pycuda import gpuarray
+
+        module = load_kernels("scoring.cu")
+        self._phase_table = module.get_function("phase_table")
+        self._score_tiles = module.get_function("score_tiles")
+        b, n = images_f.shape[:2]
+        self.b, self.n = b, n
+        self.n_rot, self.n_shift = rotations.shape[1], shifts_px.shape[1]
+        self.c, self.padding = projector.c, projector.padding
+        self.vol = device_volume(projector)
+        flat, mult, shell, self.kx_g, self.ky_g = _pixels(n, r_max_px)
+        self.npix = flat.size
+        w1, y = fold_weights(images_f, ctf, inv_sigma2, flat, mult, shell)
+        self.y_g = gpuarray.to_gpu(y)
+        self.w1_g = gpuarray.to_gpu(w1)
+        self.sh_g = gpuarray.to_gpu(np.ascontiguousarray(shifts_px, dtype=np.float32))
+        self.z_g = gpuarray.empty((b, self.n_shift, self.npix), dtype=np.complex64)
+        self.rot_g = gpuarray.to_gpu(
+            rotations.reshape(b, self.n_rot, 9).astype(np.float32)
+        )
+        self.rs_g = None if rs is None else gpuarray.to_gpu(rs.astype(np.float32))
+        self.out_g = gpuarray.empty((b, self.n_rot, self.n_shift), dtype=np.float32)
+
+    def phase_table(self) -> None:
+        """Kernel ``phase_table``: the Z tables of all shifts (b, S, P)."""
+        npix = self.npix
+        self._phase_table(
+            self.y_g, self.sh_g, np.int32(self.b), np.int32(self.n_shift),
+            self.kx_g, self.ky_g, np.int32(npix), np.int32(self.n),
+            np.float32(ORIGIN_PHASE_SIGN), self.z_g,
+            block=(128, 1, 1), grid=((npix + 127) // 128, self.n_shift, self.b),
+        )  # fmt: skip
+
+    def scores(self):
+        """Kernel ``score_tiles``; returns the (b, J, S) float32 GPUArray."""
+        self._score_tiles(
+            self.vol, np.int32(self.c), np.float32(self.padding),
+            self.rot_g, np.intp(0) if self.rs_g is None else self.rs_g, np.int32(self.n),
+            np.float32(ORIGIN_PHASE_SIGN), np.int32(self.b), np.int32(self.n_rot),
+            self.kx_g, self.ky_g, self.w1_g, self.z_g,
+            np.int32(self.n_shift), np.int32(self.npix), self.out_g,
+            block=(16, 16, 1),
+            grid=(-(-self.n_rot // _TILE), -(-self.n_shift // _TILE), self.b),
+        )  # fmt: skip
+        return self.out_g
 
 
 def score_poses(
