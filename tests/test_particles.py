@@ -19,7 +19,7 @@ from localrefine_plugin.engine.particles import (
     read_particles,
     write_particles,
 )
-from localrefine_plugin.engine.star import read_star, write_star
+from localrefine_plugin.engine.star import StarDocument, read_star, write_star
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_31 = DATA / "relion31_particles.star"
@@ -533,3 +533,26 @@ def test_missing_optional_ctf_columns_take_relion_defaults(tmp_path):
     np.testing.assert_array_equal(c.phase_shift_deg, 0.0)
     no_ctf = _without_columns(SAMPLE_31, tmp_path / "q.star", "rlnDefocusU")
     assert read_particles(no_ctf).ctf is None
+
+
+def test_optics_group_column_needed_with_several_groups(tmp_path):
+    doc = read_star(SAMPLE_31)
+    doc["particles"].remove_column("rlnOpticsGroup")
+    write_star(tmp_path / "p.star", doc)
+    with pytest.raises(
+        InputError, match="data_particles has no column _rlnOpticsGroup"
+    ):
+        read_particles(tmp_path / "p.star")
+    # one optics group: the column may be absent
+    write_star(
+        tmp_path / "one.star",
+        StarDocument([doc["optics"].select_rows([0]), doc["particles"]]),
+    )
+    np.testing.assert_array_equal(
+        read_particles(tmp_path / "one.star").optics_group, [1, 1, 1, 1]
+    )
+    doc = read_star(SAMPLE_31)
+    doc["particles"].set_column("rlnOpticsGroup", ["1", "1", "3", "3"])
+    write_star(tmp_path / "q.star", doc)
+    with pytest.raises(InputError, match=r"optics groups \[3\] missing"):
+        read_particles(tmp_path / "q.star")

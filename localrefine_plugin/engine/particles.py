@@ -586,14 +586,10 @@ def _read_relion31(doc: StarDocument, path: Path, pixel_size_arg) -> Particles:
         )
     names = block.column("rlnImageName")
     group_ids = optics.column_as_int("rlnOpticsGroup")
-    if block.has_column("rlnOpticsGroup"):
-        group = block.column_as_int("rlnOpticsGroup")
-    elif optics.n_rows == 1:
-        group = np.full(n, group_ids[0], dtype=np.int64)
+    if block.has_column("rlnOpticsGroup") or optics.n_rows > 1:
+        group = block.column_as_int("rlnOpticsGroup")  # InputError when absent
     else:
-        group = block.column_as_int(
-            "rlnOpticsGroup"
-        )  # raises: several groups, no column
+        group = np.full(n, group_ids[0], dtype=np.int64)
     row_of_group = {int(g): i for i, g in enumerate(group_ids)}
     unknown = sorted(set(np.unique(group).tolist()) - set(row_of_group))
     if unknown:
