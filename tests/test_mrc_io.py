@@ -115,7 +115,7 @@ def test_zero_pixel_size_in_header(tmp_path):
         mrc.voxel_size = 0.0
     with pytest.raises(InputError, match="pixel size in the header is 0") as err:
         read_map(path)
-    assert "angpix" in err.value.fix
+    assert "--force_header_angpix" in err.value.fix
 
 
 def test_open_stack_is_a_read_only_memmap(tmp_path):

@@ -164,8 +164,8 @@ def read_map(path) -> tuple[np.ndarray, float]:
         raise InputError(
             path,
             f"pixel size in the header is {pixel_size:g} A",
-            "fix the header (e.g. relion_image_handler --i map.mrc --o fixed.mrc "
-            "--angpix 1.05 --force_header_angpix) or set the pixel size explicitly",
+            "set the pixel size in the header, e.g. relion_image_handler --i map.mrc "
+            "--o fixed.mrc --force_header_angpix 1.05 (your pixel size in A)",
         )
     data = np.fromfile(path, dtype=dtype, count=int(np.prod(shape)), offset=offset)
     volume = data.reshape(shape).astype(np.float32)

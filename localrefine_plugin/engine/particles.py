@@ -784,7 +784,8 @@ def make_particles(
     ----------
     image_refs : sequence of (stack path, 0-based index), length n
         Written by :func:`write_particles` as ``index+1@stack`` relative to
-        the STAR file's folder.
+        the STAR file's folder (RELION resolves names against its working
+        directory: run RELION programs from that folder).
     rot_deg, tilt_deg, psi_deg : array_like, shape (n,)
         RELION ZYZ Euler angles in degrees.
     origin_px : array_like, shape (n, 2)
