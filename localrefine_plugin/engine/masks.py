@@ -131,15 +131,38 @@ def create_soft_mask(
             f"{work.max():.4g}: the mask would be empty"
         )
     extend_px = extend_a / pixel_size_a
-    if extend_px > 0:
-        inside = ndimage.distance_transform_edt(~inside) <= extend_px
     edge_px = soft_edge_a / pixel_size_a
+    # distances matter only up to extend + edge: work in the bounding box of the
+    # region grown by that margin (Euclidean distance transforms are costly)
+    box = _grown_bounding_box(inside, int(np.ceil(extend_px + edge_px)) + 1)
+    region = inside[box]
+    if extend_px > 0:
+        region = ndimage.distance_transform_edt(~region) <= extend_px
     if edge_px > 0:
-        dist = ndimage.distance_transform_edt(~inside)  # px to the region, 0 inside
-        mask = raised_cosine_falloff(dist, edge_px)
+        dist = ndimage.distance_transform_edt(~region)  # px to the region, 0 inside
+        soft = raised_cosine_falloff(dist, edge_px)
     else:
-        mask = inside.astype(np.float64)
-    return mask.astype(np.float32)
+        soft = region.astype(np.float64)
+    mask = np.zeros(volume.shape, dtype=np.float32)
+    mask[box] = soft
+    return mask
+
+
+def _grown_bounding_box(inside: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``inside`` grown by ``margin`` voxels, clipped.
+
+    Where the grown box is clipped by the array's border, the distance
+    transform inside it still sees every voxel that matters: voxels past the
+    border do not exist.
+    """
+    slices = []
+    for axis in range(inside.ndim):
+        other = tuple(a for a in range(inside.ndim) if a != axis)
+        occupied = np.nonzero(inside.any(axis=other))[0]
+        lo = max(int(occupied[0]) - margin, 0)
+        hi = min(int(occupied[-1]) + margin + 1, inside.shape[axis])
+        slices.append(slice(lo, hi))
+    return tuple(slices)
 
 
 def center_of_mass_px(mask: np.ndarray) -> np.ndarray:
