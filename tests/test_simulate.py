@@ -19,7 +19,7 @@ from localrefine_plugin.engine.geometry import geodesic_angle_deg
 from localrefine_plugin.engine.models import builtin_model, model_to_map, pdb_model
 from localrefine_plugin.engine.particles import read_particles
 from localrefine_plugin.engine.projector import FourierProjector, forward_model
-from localrefine_plugin.engine.simulate import simulate_dataset
+from localrefine_plugin.engine.simulate import NYQUIST_MARGIN_PX, simulate_dataset
 
 BOX, PIXEL_A = 64, 3.0  # the builtin model reaches ~84 A from its centre
 
@@ -118,10 +118,11 @@ def test_images_are_ctf_times_body_at_consensus_plus_region_at_truth(clean_datas
     )
     idx = np.arange(consensus.n)
     ctf = ctf_2d(consensus.ctf, BOX, PIXEL_A)
+    r_max = BOX // 2 - NYQUIST_MARGIN_PX  # simulate leaves the exact Nyquist ring out
     f = forward_model(FourierProjector(maps["body_map"]), consensus.matrices(),
-                      origins_px=consensus.origin_px)  # fmt: skip
+                      origins_px=consensus.origin_px, r_max_px=r_max)  # fmt: skip
     f += forward_model(FourierProjector(maps["region_map"]), truth.matrices(),
-                       origins_px=truth.origin_px)  # fmt: skip
+                       origins_px=truth.origin_px, r_max_px=r_max)  # fmt: skip
     expected = fourier_to_image(f * ctf, BOX)
     images = consensus.load_images(idx)
     assert images.dtype == np.float32

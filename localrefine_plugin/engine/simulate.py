@@ -62,6 +62,7 @@ from .particles import make_particles, write_particles
 from .projector import FourierProjector, forward_model
 
 __all__ = [
+    "NYQUIST_MARGIN_PX",
     "SimulatedDataset",
     "MotionTruth",
     "random_rotations",
@@ -71,6 +72,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Projections stop this far (pixels) inside Nyquist. ``FourierProjector`` keeps a
+#: frequency at exactly radius N/2 (e.g. ``(kx, ky) = (N/2, 0)``) only if the rotated
+#: point's float64 radius does not exceed the limit, which flips with 1e-7 degree pose
+#: changes (e.g. Euler angles rounded in a STAR file); leaving the Nyquist ring out
+#: makes images reproducible from their STAR poses.
+NYQUIST_MARGIN_PX = 1e-3
 
 #: Particles whose clean images set the noise level (see SNR in the module docstring).
 _PILOT = 128
@@ -377,14 +385,17 @@ def simulate_dataset(
 
     # images, streamed in batches
     body_proj = FourierProjector(body)
+    r_max = box // 2 - NYQUIST_MARGIN_PX
     region_proj = FourierProjector(region)
 
     def clean_images(idx: np.ndarray) -> np.ndarray:  # (m, N, N) float32
         ctf_b = CtfParams(
             **{k: np.broadcast_to(v, (n,))[idx] for k, v in vars(ctf).items()}
         )
-        f = forward_model(body_proj, a[idx], origins_px=origin[idx])
-        f += forward_model(region_proj, a_r[idx], origins_px=origin_r[idx])
+        f = forward_model(body_proj, a[idx], origins_px=origin[idx], r_max_px=r_max)
+        f += forward_model(
+            region_proj, a_r[idx], origins_px=origin_r[idx], r_max_px=r_max
+        )
         f *= ctf_2d(ctf_b, box, pixel_size_a)
         return fourier_to_image(f, box)
 
