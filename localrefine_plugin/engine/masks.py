@@ -105,6 +105,13 @@ def create_soft_mask(
     -------
     ndarray, shape (N, N, N), float32, values in [0, 1]
 
+    Notes
+    -----
+    Equals ``relion_mask_create`` (3.1) to 1e-5 (tested) except in two details:
+    RELION grows the region to distances ``< extend`` (here ``<=``, so an
+    extension of 3 px reaches 3 px along the axes), and RELION rounds the
+    low-pass cut-off to a whole Fourier shell (here it is not rounded).
+
     Raises
     ------
     ValueError
