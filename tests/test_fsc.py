@@ -168,3 +168,19 @@ def test_csv_and_png_outputs(tmp_path):
     plot_fsc(png, res, title="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsc.csv", "fsc.png"]
+
+
+def test_compute_fsc_never_below_randomisation_level_is_reported_uncrossed(tmp_path):
+    clean = blob_map(32)
+    rng = np.random.default_rng(8)
+    h1 = clean + 1e-6 * rng.standard_normal(clean.shape).astype(np.float32)
+    h2 = clean + 1e-6 * rng.standard_normal(clean.shape).astype(np.float32)
+    mask = create_soft_mask(clean, 2.0, threshold=0.05, soft_edge_a=6.0)
+    res = compute_fsc(h1, h2, mask=mask, pixel_size_a=2.0)
+    assert res.randomize_shell == 17  # past Nyquist: nothing randomised
+    np.testing.assert_array_equal(res.fsc_corrected, res.fsc_masked)
+    assert res.fsc_corrected.min() > 0.8
+    assert res.resolution_0143 == Resolution(4.0, False, 16.0, 0.143)
+    png = tmp_path / "fsc.png"
+    plot_fsc(png, res)  # the "better than" label renders too
+    assert png.stat().st_size > 10_000

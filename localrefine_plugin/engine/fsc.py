@@ -259,12 +259,20 @@ def compute_fsc(
         if mask.shape != half1.shape:
             raise ValueError(f"mask shape {mask.shape} differs from map {half1.shape}")
         masked = fsc_curve(half1 * mask, half2 * mask)
-        rng = np.random.default_rng(seed)
-        r1 = randomize_phases_beyond(half1, rand_shell, rng=rng)
-        r2 = randomize_phases_beyond(half2, rand_shell, rng=rng)
-        randomised = fsc_curve(r1 * mask, r2 * mask)
+        if rand_shell > n // 2:
+            log.info(
+                "unmasked FSC stays above %.2f up to Nyquist: no phase "
+                "randomisation, the corrected FSC is the masked one",
+                RANDOMIZE_AT_FSC,
+            )
+            randomised = masked.copy()
+        else:
+            log.debug("phase randomisation from shell %d", rand_shell)
+            rng = np.random.default_rng(seed)
+            r1 = randomize_phases_beyond(half1, rand_shell, rng=rng)
+            r2 = randomize_phases_beyond(half2, rand_shell, rng=rng)
+            randomised = fsc_curve(r1 * mask, r2 * mask)
         corrected = mask_corrected_fsc(masked, randomised, rand_shell)
-    log.debug("phase randomisation from shell %d", rand_shell)
     return FscResult(
         shell=shell,
         resolution_a=resolution_of_shell_a(shell, n, pixel_size_a),
@@ -377,17 +385,25 @@ def _plot_fsc(path: Path, result: FscResult, title: str | None) -> None:
     ax.axhline(0.143, color="tab:green", lw=0.8, ls="--")
     ax.axhline(0.0, color="0.8", lw=0.6)
     res = result.resolution_0143
-    x = 1.0 / res.value_a
-    ax.axvline(x, color="tab:green", lw=0.8)
-    ax.annotate(
-        f"FSC=0.143: {res}",
-        xy=(x, 0.143),
-        xytext=(6, 10),
-        textcoords="offset points",
+    ax.axvline(1.0 / res.value_a, color="tab:green", lw=0.8)
+    label = (
+        f"FSC = 0.143 at {res.value_a:.2f} Å"
+        if res.crossed
+        else f"FSC > 0.143 up to Nyquist:\nbetter than {res.value_a:.2f} Å"
+    )
+    ax.text(
+        0.97,
+        0.55,
+        label,
+        transform=ax.transAxes,
+        ha="right",
+        va="center",
         color="tab:green",
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
     )
     ax.set_xlim(0.0, freq[-1])
-    ax.set_ylim(min(-0.1, float(np.nanmin(result.fsc_masked)) - 0.05), 1.05)
+    lowest = np.nanmin([result.fsc_masked, result.fsc_corrected, result.fsc_unmasked])
+    ax.set_ylim(min(-0.1, float(lowest) - 0.05), 1.05)
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("FSC")
     top = ax.twiny()  # the same axis labelled in Angstrom
@@ -397,7 +413,7 @@ def _plot_fsc(path: Path, result: FscResult, title: str | None) -> None:
     top.set_xticklabels([f"{1.0 / t:.3g}" for t in ticks])
     top.set_xlabel("resolution (Å)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="lower left", fontsize="small")
     if title:
         ax.set_title(title)
     fig.tight_layout()
