@@ -12,7 +12,8 @@ import logging
 import numpy as np
 import pytest
 
-from localrefine_plugin.engine import mrc_io, particles as particles_mod
+from localrefine_plugin.engine import mrc_io
+from localrefine_plugin.engine import particles as particles_mod
 from localrefine_plugin.engine.checkpoint import list_checkpoints
 from localrefine_plugin.engine.ctf import CtfParams, ctf_2d
 from localrefine_plugin.engine.errors import InputError
@@ -146,9 +147,10 @@ def read_poses(star):
 
 
 FAST = dict(
-    rotation_extent_deg=4.0,
-    shift_extent_px=2.0,
-    alignment_resolution_deg=1.0,
+    rotation_extent_deg=3.0,
+    shift_extent_px=1.0,
+    shift_resolution_px=0.5,
+    alignment_resolution_deg=1.5,
     max_iterations=1,
     batch_size=64,
 )
@@ -158,7 +160,7 @@ FAST = dict(
 def exact_run(tmp_path_factory):
     """One refinement from exact poses (shared by several tests)."""
     folder = tmp_path_factory.mktemp("exact")
-    data = make_dataset(folder / "data", n=160, snr=1.0)
+    data = make_dataset(folder / "data", n=100, snr=1.0, with_subsets=True)
     result = run_local_refinement(
         data["star"],
         data["reference"],
@@ -167,6 +169,167 @@ def exact_run(tmp_path_factory):
         options=RefineOptions(**FAST),
     )
     return data, result, folder / "out"
+
+
+@pytest.fixture(scope="module")
+def perturbed_runs(tmp_path_factory):
+    """Consensus poses 4.5 deg / 0.8 px off the truth, extents 3 deg / 1 px.
+
+    Run once uninterrupted and once stopped after iteration 1 then continued.
+    """
+    folder = tmp_path_factory.mktemp("perturbed")
+    data = make_dataset(
+        folder / "data", n=80, snr=2.0, perturb_deg=4.5, perturb_px=0.8, seed=7
+    )
+    options = RefineOptions(**{**FAST, "max_iterations": 2})
+    args = (data["star"], data["reference"], data["mask"])
+    full = run_local_refinement(*args, output_dir=folder / "full", options=options)
+    stopped = run_local_refinement(
+        *args, output_dir=folder / "resumed", options=options, stop_after_iteration=1
+    )
+    listing_after_stop = sorted(p.name for p in (folder / "resumed").iterdir())
+    resumed = run_local_refinement(
+        *args, output_dir=folder / "resumed", options=options, continue_run=True
+    )
+    return data, full, stopped, resumed, listing_after_stop, folder
+
+
+@pytest.mark.slow
+def test_exact_poses_do_not_drift(exact_run):
+    data, result, out = exact_run
+    rot, org = read_poses(out / "particles.star")
+    err = geodesic_angle_deg(rot, data["true_rot"])
+    shift_err = np.linalg.norm(org - data["true_org"], axis=1)
+    # The finest grid holds the consensus pose. At this SNR (1.0, 100 particles,
+    # ~11 A) a 1.5 deg step moves the blobs by ~1 A, far below the resolution, so
+    # noise lets some particles jump one cell; drift would move most of them.
+    assert np.median(err) < 0.1
+    assert (err < 0.01).mean() >= 0.6 and err.mean() < 1.0
+    assert (
+        np.median(shift_err) < 0.05
+        and shift_err.max() <= FAST["shift_extent_px"] + 1e-6
+    )
+    assert (
+        result.summary["per_iteration"][-1]["median_rotation_from_consensus_deg"] < 0.1
+    )
+
+
+@pytest.mark.slow
+def test_outputs_are_complete_and_well_formed(exact_run):
+    data, result, out = exact_run
+    for name in (
+        "particles.star",
+        "map.mrc",
+        "half_map_1.mrc",
+        "half_map_2.mrc",
+        "fsc.csv",
+        "fsc.png",
+        "summary.json",
+        "refine.log",
+    ):
+        assert (out / name).is_file(), name
+    # particles: same rows, same order, every input column kept, half sets unchanged
+    before = read_star(data["star"])["particles"]
+    after = read_star(out / "particles.star")["particles"]
+    assert after.n_rows == before.n_rows
+    assert set(before.columns) <= set(after.columns)
+    for col in ("rlnImageName", "rlnExtraTag", "rlnRandomSubset", "rlnDefocusU"):
+        assert after.column(col) == before.column(col), col
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"):
+        assert after.has_column(col)
+    # maps: float32, input box and pixel size
+    for name in ("map.mrc", "half_map_1.mrc", "half_map_2.mrc"):
+        vol, px = mrc_io.read_map(out / name)
+        assert vol.shape == (BOX,) * 3 and vol.dtype == np.float32
+        assert px == pytest.approx(PIXEL_A, rel=1e-4)
+    # the map resembles the truth (it was made from exact poses)
+    truth, _ = mrc_io.read_map(data["reference"])
+    full, _ = mrc_io.read_map(out / "map.mrc")
+    assert np.corrcoef(truth.ravel(), full.ravel())[0, 1] > 0.8
+    # fsc.csv
+    lines = (out / "fsc.csv").read_text().splitlines()
+    assert lines[0] == "shell,resolution_A,fsc_unmasked,fsc_masked,fsc_corrected"
+    assert len(lines) == 1 + BOX // 2 + 1
+    # summary.json
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "resolution_a",
+        "iterations",
+        "n_particles",
+        "wall_seconds",
+        "poses_evaluated_per_particle",
+        "per_iteration",
+        "options",
+    ):
+        assert key in summary, key
+    assert summary["n_particles"] == 100
+    assert summary["iterations"] == len(summary["per_iteration"]) == 2
+    assert summary["per_iteration"][-1]["final"] is True
+    assert 2 * PIXEL_A <= summary["resolution_a"] < 30.0
+    assert summary["resolution_a"] == pytest.approx(result.resolution_a)
+    assert summary["options"]["rotation_extent_deg"] == FAST["rotation_extent_deg"]
+    for rec in summary["per_iteration"]:
+        assert {
+            "resolution_a",
+            "median_rotation_change_deg",
+            "median_shift_change_a",
+        } <= set(rec)
+    assert summary["poses_evaluated_per_particle"] > 1
+
+
+@pytest.mark.slow
+def test_log_has_progress_lines_per_batch_and_iteration(exact_run):
+    _, _, out = exact_run
+    log_text = (out / "refine.log").read_text()
+    # 100 particles, 50 per half, batch 64 -> 2 batches per iteration
+    assert log_text.count("iteration 1: ") >= 2
+    assert "100/100 particles (100%)" in log_text
+    assert "particles/s" in log_text and "left" in log_text
+    assert "iteration 1: resolution" in log_text and "median pose change" in log_text
+
+
+@pytest.mark.slow
+def test_continue_equals_uninterrupted(perturbed_runs):
+    data, full, stopped, resumed, listing, folder = perturbed_runs
+    assert not stopped.complete and stopped.iterations == 1
+    # a stopped run leaves checkpoints and the log, never a complete-looking output
+    assert "summary.json" not in listing and "map.mrc" not in listing
+    assert "checkpoints" in listing
+    assert resumed.iterations == full.iterations
+    assert resumed.resolution_a == full.resolution_a
+    a, b = folder / "full", folder / "resumed"
+    assert read_star(a / "particles.star") == read_star(b / "particles.star")
+    for name in ("map.mrc", "half_map_1.mrc", "half_map_2.mrc"):
+        va, _ = mrc_io.read_map(a / name)
+        vb, _ = mrc_io.read_map(b / name)
+        np.testing.assert_array_equal(va, vb)
+    assert (a / "fsc.csv").read_text() == (b / "fsc.csv").read_text()
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    for ra, rb in zip(sa["per_iteration"], sb["per_iteration"], strict=True):
+        assert ra["resolution_a"] == rb["resolution_a"]
+        assert ra["median_rotation_change_deg"] == rb["median_rotation_change_deg"]
+
+
+@pytest.mark.slow
+def test_search_never_leaves_its_extents_and_improves_poses(perturbed_runs):
+    data, full, *_, folder = perturbed_runs
+    rot, org = read_poses(folder / "full" / "particles.star")
+    summary = json.loads((folder / "full" / "summary.json").read_text())
+    f = np.array(summary["fulcrum_px"])
+    change = geodesic_angle_deg(rot, data["cons_rot"])
+    assert change.max() <= FAST["rotation_extent_deg"] + 1e-6
+    # shift about the fulcrum: origin change minus the fulcrum term (RELION sign)
+    t = (
+        org
+        - data["cons_org"]
+        - np.einsum("nij,j->ni", rot - data["cons_rot"], f)[:, :2]
+    )
+    assert np.linalg.norm(t, axis=1).max() <= FAST["shift_extent_px"] + 1e-6
+    # the truth is 4.5 deg away: the best reachable pose is at the extent
+    before = np.median(geodesic_angle_deg(data["cons_rot"], data["true_rot"]))
+    after = np.median(geodesic_angle_deg(rot, data["true_rot"]))
+    assert after < before - 1.5
 
 
 # -- validation: errors before any work -------------------------------------------
@@ -307,8 +470,10 @@ def test_cuda_without_gpu_is_a_clear_error(small_data, tmp_path):
     assert "cuda" in str(exc.value) and "--device cpu" in str(exc.value)
 
 
-def test_existing_run_without_continue_is_refused(exact_run, small_data):
-    _, _, out = exact_run
+def test_existing_run_without_continue_is_refused(small_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
     with pytest.raises(InputError) as exc:
         run_local_refinement(
             small_data["star"],
@@ -316,4 +481,143 @@ def test_existing_run_without_continue_is_refused(exact_run, small_data):
             small_data["mask"],
             output_dir=out,
         )
-    assert "--continue" in str(exc.value)
+    assert "--continue" in str(exc.value) and str(out) in str(exc.value)
+    assert (out / "summary.json").read_text() == "{}"
+
+
+# -- pieces of the driver (fast) --------------------------------------------------
+
+
+def test_fulcrum_rotation_equals_rotation_plus_shift_about_the_box_centre():
+    """A search candidate rotating about the mask centre f images the map rotated about f.
+
+    Truth: the map moved in real space (p -> R (p - f) + f, cubic interpolation)
+    and projected at the consensus pose. Candidate: the driver's search pose
+    ``A_cons R`` with the origin from the fulcrum algebra, projecting the unmoved map.
+    """
+    from scipy import ndimage
+
+    from localrefine_plugin.engine import search
+    from localrefine_plugin.engine.local_grid import rotvec_to_matrix
+
+    n = 48
+    vol = blob_map(n, seed=3)
+    f = np.array([6.0, -4.0, 3.0])
+    a_cons = euler_to_matrix(30.0, 60.0, -20.0)[None]
+    o_cons = np.array([[1.0, -0.5]])
+    v = np.array([[[2.0, -3.0, 8.0]]])  # rotation vector, degrees
+    rot, org = search.candidate_poses(a_cons, o_cons, f, v, np.zeros((1, 1, 2)))
+    candidate = fourier_to_image(
+        forward_model(FourierProjector(vol), rot[0], origins_px=org[0, :, 0]), n
+    )[0]
+    r = rotvec_to_matrix(v[0, 0])
+    c = n // 2
+    z, y, x = np.meshgrid(*(np.arange(n) - c,) * 3, indexing="ij")
+    q = np.stack([x, y, z], -1).reshape(-1, 3).astype(np.float64)
+    p = (q - f) @ r + f  # p = R^T (q - f) + f: the source of moved point q
+    moved = ndimage.map_coordinates(
+        vol.astype(np.float64), [p[:, 2] + c, p[:, 1] + c, p[:, 0] + c], order=3
+    ).reshape(n, n, n)
+    truth = fourier_to_image(
+        forward_model(
+            FourierProjector(moved.astype(np.float32)), a_cons, origins_px=o_cons
+        ),
+        n,
+    )[0]
+    assert np.corrcoef(candidate.ravel(), truth.ravel())[0, 1] > 0.999
+    # the same rotation about the box centre (no fulcrum term) is clearly different
+    plain = fourier_to_image(
+        forward_model(FourierProjector(vol), rot[0], origins_px=o_cons), n
+    )[0]
+    assert np.corrcoef(plain.ravel(), truth.ravel())[0, 1] < 0.99
+
+
+def test_dynamic_mask_never_exceeds_input_support_plus_far(rng):
+    from scipy import ndimage
+
+    from localrefine_plugin.engine.refine_steps import dynamic_mask
+
+    vol = blob_map(BOX, seed=5)
+    vol = vol + rng.normal(0, 0.02, vol.shape).astype(np.float32)
+    c = BOX // 2
+    z, y, x = np.meshgrid(*(np.arange(BOX) - c,) * 3, indexing="ij")
+    sphere = ((x - 4) ** 2 + y**2 + z**2 <= 8**2).astype(np.float32)
+    input_mask = create_soft_mask(sphere, PIXEL_A, threshold=0.5, soft_edge_a=6.0)
+    far = 12.0
+    m = dynamic_mask(
+        vol, input_mask, PIXEL_A, threshold_fraction=0.2, near_a=3.0, far_a=far
+    )
+    assert (
+        m.dtype == np.float32 and m.min() >= 0.0 and m.max() <= 1.0 and m.max() == 1.0
+    )
+    dist_a = ndimage.distance_transform_edt(input_mask <= 0) * PIXEL_A
+    assert m[dist_a > far].max() == 0.0
+    # it follows the density: voxels at the threshold inside the support are 1
+    peak = vol[input_mask > 0].max()
+    assert (m[(vol >= 0.2 * peak) & (input_mask > 0)] == 1.0).all()
+
+
+def test_progress_line_counts_rate_and_time_left():
+    from localrefine_plugin.engine.progress import Progress
+
+    now = [0.0]
+    p = Progress(200, "iteration 3", logging.getLogger("test"), clock=lambda: now[0])
+    now[0] = 10.0
+    line = p.update(50)
+    assert line.startswith("iteration 3: 50/200 particles ( 25%)")
+    assert "5.0 particles/s" in line and "30s left" in line
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path):
+    from localrefine_plugin.engine.checkpoint import (
+        Checkpoint,
+        load_latest_checkpoint,
+        save_checkpoint,
+    )
+
+    def ck(i):
+        return Checkpoint(
+            iteration=i,
+            rotations=np.eye(3)[None].repeat(4, 0) * i,
+            origins_px=np.full((4, 2), float(i)),
+            half_maps=np.zeros((2, 4, 4, 4), np.float32) + i,
+            sigma2=np.ones((1, 3)) * i,
+            mask=np.ones((4, 4, 4), np.float32),
+            state={"phase": "iterating", "history": [{"i": i}]},
+            arrays={"full_map": np.full((4, 4, 4), i, np.float32)},
+        )
+
+    assert load_latest_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, ck(1))
+    save_checkpoint(tmp_path, ck(2))
+    (tmp_path / "checkpoints" / ".iteration_003.npz.123.tmp").write_bytes(b"partial")
+    got = load_latest_checkpoint(tmp_path)
+    assert got.iteration == 2 and got.state["history"] == [{"i": 2}]
+    np.testing.assert_array_equal(
+        got.arrays["full_map"], np.full((4, 4, 4), 2, np.float32)
+    )
+    assert [i for i, _ in list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_device_auto_falls_back_to_cpu_with_a_log_line(caplog):
+    from localrefine_plugin.engine import scoring
+    from localrefine_plugin.engine.refine_device import select_backend
+
+    try:
+        from localrefine_plugin.kernels import get_score_fn
+
+        get_score_fn()
+        pytest.skip("a GPU is present: auto picks it (tests/test_gpu*.py cover it)")
+    except (ImportError, RuntimeError, OSError):
+        pass
+    with caplog.at_level(logging.INFO, logger="localrefine_plugin"):
+        backend = select_backend("auto")
+    assert backend.name == "cpu" and backend.score_fn is scoring.score_poses
+    assert "using the CPU" in caplog.text
+    assert select_backend("cpu").name == "cpu"
+
+
+def test_options_round_trip_through_json():
+    opts = RefineOptions(fulcrum=(10.0, 20.5, 30.0), prior_sigma_rotation_deg=2.0)
+    again = RefineOptions.from_dict(json.loads(json.dumps(opts.to_dict())))
+    assert again == opts

@@ -92,6 +92,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="finest rotation step of the search, degrees (default: %(default)s)",
     )
     search.add_argument(
+        "--shift-resolution",
+        type=float,
+        default=_DEFAULTS.shift_resolution_px,
+        metavar="PX",
+        help="finest shift step of the search, pixels (default: %(default)s)",
+    )
+    search.add_argument(
         "--fulcrum",
         type=_fulcrum,
         default=_DEFAULTS.fulcrum,
@@ -212,6 +219,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         shift_extent_px=args.shift_extent,
         rotation_extent_deg=args.rotation_extent,
         alignment_resolution_deg=args.alignment_resolution,
+        shift_resolution_px=args.shift_resolution,
         fulcrum=args.fulcrum,
         initial_lowpass_a=args.initial_lowpass,
         max_iterations=args.max_iterations,

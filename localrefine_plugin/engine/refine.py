@@ -336,10 +336,11 @@ class _Run:
             signal_radius_px=steps.signal_radius_px(prev.mask, self.fulcrum),
         )
         moved = self._with_poses(aligned.rotations, aligned.origins_px)
-        halves, full, fsc = steps.reconstruct_and_compare(
+        rec = steps.reconstruct_and_compare(
             moved, prev.mask, options=opt, alignment=aligned
         )
-        res = fsc.resolution_0143
+        halves, full = rec.halves, rec.full
+        res = rec.fsc.resolution_0143
         mask = prev.mask
         if opt.dynamic_mask:
             mask = steps.dynamic_mask(
@@ -402,7 +403,7 @@ class _Run:
             sigma2=sigma2,
             mask=mask,
             state=state,
-            arrays={"full_map": full, "fsc_mask": prev.mask},
+            arrays={"full_map": full, "fsc_mask": prev.mask, "raw_halves": rec.raw_halves},
         )
 
     def _with_poses(self, rotations: np.ndarray, origins_px: np.ndarray):
@@ -414,9 +415,10 @@ class _Run:
         from .fsc import compute_fsc
 
         fsc_mask = ckpt.arrays.get("fsc_mask", ckpt.mask)
+        raw = ckpt.arrays["raw_halves"]
         fsc = compute_fsc(
-            ckpt.half_maps[0],
-            ckpt.half_maps[1],
+            raw[0],
+            raw[1],
             mask=fsc_mask,
             pixel_size_a=inp.pixel_size_a,
             seed=opt.seed,

@@ -26,6 +26,8 @@ class RefineOptions:
         Largest rotation away from the consensus pose (degrees, geodesic).
     alignment_resolution_deg : float
         Finest rotation step of the branch-and-bound search (degrees).
+    shift_resolution_px : float
+        Finest shift step of the search (pixels).
     fulcrum : "mask", "box" or (x, y, z)
         Point the rotations pivot about: the mask's centre of mass, the box
         centre, or voxel indices ``(x, y, z)`` (pixels from the box corner; the box
@@ -62,6 +64,7 @@ class RefineOptions:
     shift_extent_px: float = 3.0
     rotation_extent_deg: float = 10.0
     alignment_resolution_deg: float = 0.5
+    shift_resolution_px: float = 0.25
     fulcrum: str | tuple[float, float, float] = "mask"
     initial_lowpass_a: float = 8.0
     max_iterations: int = 8

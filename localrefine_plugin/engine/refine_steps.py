@@ -22,8 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import fsc as fsc_mod
-from . import masks, noise, search
-from .ctf import CtfParams, ctf_2d
+from . import masks, noise, reconstruct, search
+from .ctf import ctf_2d
 from .fourier import image_to_fourier
 from .progress import Progress
 from .projector import FourierProjector, forward_model
@@ -31,6 +31,7 @@ from .projector import FourierProjector, forward_model
 __all__ = [
     "AlignmentResult",
     "align_particles",
+    "Reconstruction",
     "reconstruct_and_compare",
     "estimate_noise",
     "dynamic_mask",
@@ -89,13 +90,13 @@ def group_rows(optics_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, rows
 
 
-def _ctf_subset(ctf: CtfParams | None, idx: np.ndarray, n: int, pixel_size_a: float):
-    if ctf is None:
-        return np.ones((idx.size, n, n // 2 + 1), dtype=np.float32)
-    sub = CtfParams(
-        **{k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in vars(ctf).items()}
-    )
-    return ctf_2d(sub, n, pixel_size_a)
+def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
+    """CTF (m, N, N//2+1) of particles ``idx`` (ones when the set has no CTF)."""
+    box = particles.box
+    if particles.ctf is None:
+        return np.ones((idx.size, box, box // 2 + 1), dtype=np.float32)
+    sub = reconstruct.ctf_subset(particles.ctf, idx, particles.n)
+    return ctf_2d(sub, box, particles.pixel_size_a)
 
 
 def _batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -141,7 +142,7 @@ def align_particles(
         Radius about the fulcrum holding the masked signal (pixels), for the
         search's bounds (:func:`signal_radius_px`).
     """
-    n, box, px = particles.n, particles.box, particles.pixel_size_a
+    n, px = particles.n, particles.pixel_size_a
     _, rows = group_rows(particles.optics_group)
     k = int(options.marginalize_top_k)
     prior_shift_px = (
@@ -166,7 +167,7 @@ def align_particles(
 
         def run(idx: np.ndarray, projector=projector):
             images_f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1)
-            ctf = _ctf_subset(particles.ctf, idx, box, px)  # (m, N, N//2+1)
+            ctf = _ctf_images(particles, idx)  # (m, N, N//2+1)
             result = search.local_search(
                 projector,
                 images_f,
@@ -184,12 +185,16 @@ def align_particles(
                 top_k=k,
                 score_fn=score_fn,
                 signal_radius_px=signal_radius_px,
+                shift_resolution_px=options.shift_resolution_px,
             )
             return idx, result
 
         batches = _batches(np.flatnonzero(subsets == half), options.batch_size)
         with ThreadPoolExecutor(max_workers=options.threads) as pool:
-            for idx, res in pool.map(run, batches):  # results in batch order
+            results = (
+                pool.map(run, batches) if options.threads > 1 else map(run, batches)
+            )
+            for idx, res in results:  # in batch order, whatever the threads
                 out.rotations[idx] = res.rotations
                 out.origins_px[idx] = res.origins_px
                 out.scores[idx] = res.scores
@@ -202,43 +207,72 @@ def align_particles(
     return out
 
 
+@dataclass
+class Reconstruction:
+    """Maps and FSC at the particles' current poses.
+
+    Attributes
+    ----------
+    raw_halves : ndarray, shape (2, N, N, N), float32
+        Half maps without regularisation (their FSC is the resolution).
+    halves : ndarray, shape (2, N, N, N), float32
+        Half maps Wiener-regularised with their own unmasked FSC: the next
+        iteration's references and the written half maps.
+    full : ndarray, shape (N, N, N), float32
+        Both halves together, regularised with the full-set FSC ``2F/(1+F)``.
+    fsc : FscResult
+        Masked, phase-randomisation corrected FSC of the raw halves.
+    """
+
+    raw_halves: np.ndarray
+    halves: np.ndarray
+    full: np.ndarray
+    fsc: object
+
+
 def reconstruct_and_compare(
     particles,
     mask: np.ndarray,
     *,
     options,
     alignment: AlignmentResult | None = None,
-):
+) -> Reconstruction:
     """Half maps, full map and masked FSC at the particles' current poses.
 
-    Returns
-    -------
-    half_maps : ndarray, shape (2, N, N, N), float32
-    full_map : ndarray, shape (N, N, N), float32
-    fsc : FscResult
-        Masked, phase-randomisation corrected (:func:`.fsc.compute_fsc`).
+    Back-projection is :func:`.reconstruct.reconstruct_particles` (with the K
+    best poses and their weights when marginalising); the Wiener
+    regularisation is :meth:`.backprojector.BackProjector.reconstruct` with the
+    half-map FSC (:func:`.reconstruct.half_map_fsc`), as RELION does.
     """
-    from . import reconstruct
-
-    weights = None
-    if alignment is not None and alignment.top_weights is not None:
-        weights = (
+    top_k = None
+    if alignment is not None and options.marginalize_top_k > 1:
+        top_k = (
             alignment.top_rotations,
             alignment.top_origins_px,
             alignment.top_weights,
         )
-    half1, half2, full = reconstruct.reconstruct_halves(
-        particles, batch_size=options.batch_size, top_k_poses=weights
+    bp1, bp2 = reconstruct.reconstruct_particles(
+        particles, batch_size=options.batch_size, top_k_poses=top_k
     )
-    halves = np.stack([half1, half2]).astype(np.float32)
+    raw = np.stack([bp1.reconstruct(), bp2.reconstruct()]).astype(np.float32)
+    curve = reconstruct.half_map_fsc(raw[0], raw[1])
+    halves = np.stack([bp1.reconstruct(fsc=curve), bp2.reconstruct(fsc=curve)])
+    c = np.clip(curve, 0.0, 1.0)
+    bp1.add(bp2)
+    full = bp1.reconstruct(fsc=2 * c / (1 + c))
     result = fsc_mod.compute_fsc(
-        halves[0],
-        halves[1],
+        raw[0],
+        raw[1],
         mask=mask,
         pixel_size_a=particles.pixel_size_a,
         seed=options.seed,
     )
-    return halves, np.asarray(full, dtype=np.float32), result
+    return Reconstruction(
+        raw_halves=raw,
+        halves=halves.astype(np.float32),
+        full=np.asarray(full, dtype=np.float32),
+        fsc=result,
+    )
 
 
 def estimate_noise(
@@ -256,7 +290,7 @@ def estimate_noise(
     residual power is accumulated per optics group and shell
     (:class:`.noise.Sigma2Accumulator`).
     """
-    box, px = particles.box, particles.pixel_size_a
+    box = particles.box
     ids, rows = group_rows(particles.optics_group)
     acc = noise.Sigma2Accumulator(box, len(ids))
     subsets = np.asarray(particles.random_subset)
@@ -268,7 +302,7 @@ def estimate_noise(
                 projector,
                 rotations[idx],
                 origins_px=origins_px[idx],
-                ctf=_ctf_subset(particles.ctf, idx, box, px),
+                ctf=_ctf_images(particles, idx),
             )
             acc.add(images_f, predictions_f=pred, optics_groups=rows[idx])
     return acc.sigma2()
