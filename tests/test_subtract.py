@@ -79,6 +79,10 @@ def test_noiseless_subtraction_leaves_the_region(dataset, tmp_path):
     assert out.n == particles.n and out.box == BOX
     np.testing.assert_allclose(out.origin_px, particles.origin_px, atol=1e-5)
     np.testing.assert_array_equal(out.random_subset, particles.random_subset)
+    table = out.table
+    assert table.column("rlnImageOriginalName") == particles.table.column(
+        "rlnImageName"
+    )
     subtracted = out.load_images(np.arange(out.n)).astype(np.float64)
     original = particles.load_images(np.arange(out.n)).astype(np.float64)
     # what remains is the masked reference's image, and close to the true region's

@@ -220,12 +220,17 @@ def _check_inputs(particles, reference, mask, half_maps, new_box, output_dir):
 
 
 def _write_star(path: Path, particles: Particles, stack: Path, box: int) -> None:
-    """``write_particles`` then point ``rlnImageName`` at the new stack and set the box."""
+    """``write_particles``, then point ``rlnImageName`` at the new stack and set the box.
+
+    The input's image names move to ``rlnImageOriginalName`` (kept if present).
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write_particles(tmp, particles)
         doc = read_star(tmp)
         block = doc["particles"]
+        if not block.has_column("rlnImageOriginalName"):  # as RELION's subtraction
+            block.set_column("rlnImageOriginalName", block.column("rlnImageName"))
         rel = os.path.relpath(stack.absolute(), path.parent.absolute())
         block.set_column(
             "rlnImageName", [f"{i + 1:06d}@{rel}" for i in range(particles.n)]
