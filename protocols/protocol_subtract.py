@@ -107,6 +107,8 @@ class ProtLocalRefineSubtract(ProtOperateParticles):
                 "output_star": os.path.join(out, "particles.star"),
                 "output_reference": os.path.join(out, "reference.mrc"),
                 "output_mask": os.path.join(out, "mask.mrc"),
+                "output_half1": os.path.join(out, "reference_half1.mrc"),
+                "output_half2": os.path.join(out, "reference_half2.mrc"),
             }
         )
 
@@ -152,6 +154,11 @@ class ProtLocalRefineSubtract(ProtOperateParticles):
                 vol = Volume()
                 vol.setFileName(self._getFileName("output_reference"))
                 vol.setSamplingRate(apix)
+                halves = [
+                    self._getFileName(k) for k in ("output_half1", "output_half2")
+                ]
+                if all(os.path.exists(h) for h in halves):
+                    vol.setHalfMaps(halves)
                 outputs[SubtractOutputs.outputVolume.name] = vol
             if os.path.exists(self._getFileName("output_mask")):
                 mask = VolumeMask()
