@@ -163,6 +163,22 @@ def test_check_mask_rejects_a_mask_outside_the_density():
     _check(on, reference=ref)
 
 
+def test_check_mask_accepts_a_loose_mask_around_a_small_region_of_a_large_complex():
+    n = 48
+    big = np.clip(_ball_function(n, 12.0, (-6, 0, 0)), 0, None)  # the complex
+    small = np.clip(_ball_function(n, 2.5, (14, 0, 0)), 0, None)  # a small domain
+    ref = big + 3 * small
+    loose = create_soft_mask(
+        _ball_function(n, 2.5, (14, 0, 0)), 1.5, threshold=0.0, extend_a=12.0
+    )
+    assert loose.sum() > 20 * (small > 0).sum()  # mostly solvent
+    _check(
+        loose,
+        reference_shape=ref.shape,
+        reference=ref,
+    )
+
+
 def test_check_mask_warns_about_a_hard_edge(caplog):
     binary = (_ball_function(24, 6.0) >= 0).astype(np.float32)
     with caplog.at_level(logging.WARNING):

@@ -5,7 +5,7 @@ cycles per box, shells ``0 .. N//2``, shell ``k`` at resolution
 ``N * pixel_size / k`` Angstrom (as ``relion_postprocess``).
 
 The mask correction is the phase-randomisation test of Chen et al. (2013),
-Ultramicroscopy 135:24-35, eq. 4: beyond the randomisation shell,
+Ultramicroscopy 135:24-35: beyond the randomisation shell,
 ``FSC_true = (FSC_t - FSC_n) / (1 - FSC_n)`` with ``FSC_t`` the masked FSC and
 ``FSC_n`` the masked FSC of the phase-randomised half maps.
 """
@@ -97,7 +97,7 @@ class FscResult:
         Masked FSC of the half maps with phases randomised from
         ``randomize_shell`` on; NaN when no mask was given (nothing to correct).
     fsc_corrected : ndarray of float
-        Masked FSC corrected for the mask (Chen et al. 2013, eq. 4).
+        Masked FSC corrected for the mask (Chen et al. 2013).
     randomize_shell : int
         First randomised shell (cycles per box); ``N//2 + 1`` when the unmasked
         FSC never dropped below :data:`RANDOMIZE_AT_FSC` (no correction).
@@ -293,7 +293,7 @@ def mask_corrected_fsc(
 ) -> np.ndarray:
     """Correct a masked FSC with its phase-randomised partner.
 
-    Chen et al. (2013), Ultramicroscopy 135:24-35, eq. 4:
+    Chen et al. (2013), Ultramicroscopy 135:24-35:
     ``FSC_true = (FSC_t - FSC_n) / (1 - FSC_n)`` for shells
     ``>= randomize_shell + 2``, ``FSC_t`` below that (the two shells right past
     the randomisation edge carry its artefacts; ``relion_postprocess`` 3.1 uses
@@ -315,7 +315,8 @@ def mask_corrected_fsc(
     shell = np.arange(t.size)
     beyond = shell >= randomize_shell + _CORRECTION_SHELL_MARGIN
     out = t.copy()
-    out[beyond] = (t[beyond] - r[beyond]) / (1.0 - r[beyond])
+    # a randomised FSC of 1 leaves nothing to correct against: guard the division
+    out[beyond] = (t[beyond] - r[beyond]) / np.maximum(1.0 - r[beyond], 1e-12)
     return out
 
 

@@ -19,6 +19,7 @@ from .filters import lowpass, raised_cosine_falloff
 __all__ = [
     "DEFAULT_THRESHOLD_FRACTION",
     "DEFAULT_THRESHOLD_SIGMAS",
+    "OUTSIDE_DENSITY_FRACTION",
     "default_threshold",
     "create_soft_mask",
     "center_of_mass_px",
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD_FRACTION = 0.1
 #: ... but at least this many solvent standard deviations above the solvent level.
 DEFAULT_THRESHOLD_SIGMAS = 5.0
+#: check_mask: a mask holding less than this fraction of the reference's strong
+#: density lies outside it.
+OUTSIDE_DENSITY_FRACTION = 2e-3
 
 
 def default_threshold(volume: np.ndarray) -> float:
@@ -55,12 +59,13 @@ def default_threshold(volume: np.ndarray) -> float:
     float
         Density threshold, in the map's units.
     """
-    volume = np.asarray(volume, dtype=np.float64)
+    volume = np.asarray(volume)
     n = volume.shape[0]
-    c = np.arange(n) - n // 2
-    r2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
-    solvent = volume[r2 > (n / 2) ** 2]
-    m, s = float(solvent.mean()), float(solvent.std())
+    c = (np.arange(n, dtype=np.int32) - n // 2) ** 2
+    corners = (c[:, None, None] + c[None, :, None] + c[None, None, :]) > (n / 2) ** 2
+    solvent = volume[corners]
+    m = float(solvent.mean(dtype=np.float64))
+    s = float(solvent.std(dtype=np.float64))
     return m + max(
         DEFAULT_THRESHOLD_SIGMAS * s,
         DEFAULT_THRESHOLD_FRACTION * (float(volume.max()) - m),
@@ -121,6 +126,8 @@ def create_soft_mask(
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"expected a map (N, N, N), got shape {volume.shape}")
+    if not pixel_size_a > 0:
+        raise ValueError(f"pixel size {pixel_size_a} A must be positive")
     if extend_a < 0 or soft_edge_a < 0:
         raise ValueError(
             f"extend {extend_a} A and soft edge {soft_edge_a} A must be >= 0"
@@ -216,12 +223,12 @@ def check_mask(
     given, a mask that lies outside the reference's density. Logs a WARNING for
     a binary mask (hard edge).
 
-    The "outside the density" test: with ``level`` the reference's median
-    (the solvent, for maps whose particle fills less than half the box), the
-    mask-weighted mean of ``reference - level`` must be at least half the
-    box mean of ``reference - level``. A mask on the particle is denser than
-    the box on average; a mask on solvent is not. Skipped when the box mean
-    does not exceed the median (no density contrast to judge by).
+    The "outside the density" test: the reference's strong density is the
+    voxels at or above :func:`default_threshold` (at least 5 solvent standard
+    deviations, and a tenth of the way from the solvent to the peak); the mask
+    must hold (mask-weighted) at least :data:`OUTSIDE_DENSITY_FRACTION` of
+    them. A mask on solvent holds none; a loose mask around a small region of
+    a large complex still holds that region's.
 
     Parameters
     ----------
@@ -272,18 +279,17 @@ def check_mask(
             "lower the threshold used to make it, or pick the right file",
         )
     if reference is not None:
-        ref = np.asarray(reference, dtype=np.float64)
-        level = float(np.median(ref))
-        box_excess = float(ref.mean()) - level
-        in_excess = float((mask * ref).sum(dtype=np.float64)) / total - level
-        if box_excess > 0 and in_excess < 0.5 * box_excess:
+        strong = np.asarray(reference) >= default_threshold(reference)
+        n_strong = int(np.count_nonzero(strong))
+        captured = float(mask[strong].sum(dtype=np.float64))
+        if n_strong and captured < OUTSIDE_DENSITY_FRACTION * n_strong:
             raise InputError(
                 mask_path,
-                "mask lies outside the reference's density (mean density above "
-                f"solvent inside the mask {in_excess:.4g}, in the whole box "
-                f"{box_excess:.4g})",
-                "check that the mask belongs to this reference (same origin and "
-                "hand) and covers the region to refine",
+                "mask lies outside the reference's density: it holds "
+                f"{captured:.1f} of the reference's {n_strong} voxels of strong "
+                "density (above its default mask threshold)",
+                "check that the mask belongs to this reference (same box origin "
+                "and hand) and covers the region to refine",
             )
     intermediate = np.count_nonzero((mask > 1e-3) & (mask < 1.0 - 1e-3))
     if intermediate == 0:
