@@ -59,10 +59,7 @@ def test_every_option_reaches_refine_options():
     )
     assert args.device == "auto" and args.continue_run is True
     assert args.half_maps == ["h1.mrc", "h2.mrc"]
-    assert (
-        options_from_args(parse("--dynamic-mask", "--static-mask")).dynamic_mask
-        is False
-    )
+    assert options_from_args(parse("--static-mask")).dynamic_mask is False
     assert options_from_args(parse("--fulcrum", "box")).fulcrum == "box"
 
 
