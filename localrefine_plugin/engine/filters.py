@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from .fourier import radius_grid_3d
+
 __all__ = [
     "raised_cosine_falloff",
     "lowpass",
@@ -40,18 +42,6 @@ def raised_cosine_falloff(distance: np.ndarray, width: float) -> np.ndarray:
         band = (d > 0) & (d < width)
         out[band] = 0.5 + 0.5 * np.cos((np.pi / width) * d[band])
     return out
-
-
-def _radius_grid_3d(n: int) -> np.ndarray:
-    """Frequency radius ``|k|`` (cycles per box) on the half-space grid.
-
-    The unrounded partner of :func:`.fourier.shell_index_3d` (which it should
-    join in ``fourier.py``), shape ``(N, N, N//2+1)``.
-    """
-    kz = np.fft.fftfreq(n, d=1.0 / n)[:, None, None]
-    ky = np.fft.fftfreq(n, d=1.0 / n)[None, :, None]
-    kx = np.arange(n // 2 + 1, dtype=np.float64)[None, None, :]
-    return np.sqrt(kx * kx + ky * ky + kz * kz)  # (N, N, N//2+1)
 
 
 def _check_cube(volume: np.ndarray) -> int:
@@ -98,7 +88,7 @@ def lowpass(
         )
     k0 = n * pixel_size_a / resolution_a
     weight = raised_cosine_falloff(
-        _radius_grid_3d(n) - (k0 - 0.5 * edge_width_shells), edge_width_shells
+        radius_grid_3d(n) - (k0 - 0.5 * edge_width_shells), edge_width_shells
     )  # (N, N, N//2+1)
     # A real radial weight commutes with the centring phase factor: no ifftshift
     # needed; scipy keeps float32 -> complex64 (faster, half the memory).
@@ -136,7 +126,7 @@ def randomize_phases_beyond(
     # phases are uniform, so the transform is taken without ifftshift (scipy
     # keeps float32 -> complex64: faster, half the memory).
     f = scipy.fft.rfftn(volume)  # (N, N, N//2+1), layout of fourier.volume_to_fourier
-    beyond = _radius_grid_3d(n) >= shell  # (N, N, N//2+1)
+    beyond = radius_grid_3d(n) >= shell  # (N, N, N//2+1)
     phases = rng.uniform(0.0, 2.0 * np.pi, size=int(beyond.sum()))
     f[beyond] = np.abs(f[beyond]) * np.exp(1j * phases)
     return scipy.fft.irfftn(f, s=volume.shape).astype(volume.dtype, copy=False)

@@ -29,6 +29,7 @@ __all__ = [
     "frequency_grid_2d",
     "radius_grid_2d",
     "shell_index_2d",
+    "radius_grid_3d",
     "shell_index_3d",
     "shift_phases_2d",
     "shift_images_fourier",
@@ -89,12 +90,17 @@ def shell_index_2d(n: int) -> np.ndarray:
     return np.rint(radius_grid_2d(n)).astype(np.int64)
 
 
-def shell_index_3d(n: int) -> np.ndarray:
-    """Integer shell (rounded radius) of each half-space coefficient, shape (N, N, N//2+1)."""
+def radius_grid_3d(n: int) -> np.ndarray:
+    """Frequency radius ``|k|`` in cycles per box on the half-space grid, shape (N, N, N//2+1)."""
     kz = np.fft.fftfreq(n, d=1.0 / n)[:, None, None]
     ky = np.fft.fftfreq(n, d=1.0 / n)[None, :, None]
     kx = np.arange(n // 2 + 1, dtype=np.float64)[None, None, :]
-    return np.rint(np.sqrt(kx * kx + ky * ky + kz * kz)).astype(np.int64)
+    return np.sqrt(kx * kx + ky * ky + kz * kz)  # (N, N, N//2+1)
+
+
+def shell_index_3d(n: int) -> np.ndarray:
+    """Integer shell (rounded radius) of each half-space coefficient, shape (N, N, N//2+1)."""
+    return np.rint(radius_grid_3d(n)).astype(np.int64)
 
 
 def shift_phases_2d(n: int, shifts_px: np.ndarray, dtype=np.complex128) -> np.ndarray:
