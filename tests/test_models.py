@@ -114,6 +114,24 @@ def test_builtin_model_mass_and_shape():
     assert 0.5 < density < 1.0  # Da / A^3 (heavy atoms only, hull includes surface)
 
 
+def test_builtin_model_scale_shrinks_the_layout_not_the_residues():
+    small = builtin_model(scale=0.75)
+    assert 85 <= small.mass_kda("body") <= 115  # ~0.75^3 of the default
+    assert 18 <= small.mass_kda("region") <= 30
+    assert np.linalg.norm(small.xyz_a, axis=1).max() < 66.0  # fits 48 px x 3 A
+    default = builtin_model()
+    assert np.linalg.norm(default.xyz_a, axis=1).max() < 88.0  # fits 96 px x 2 A
+    # same local (protein) geometry: nearest-neighbour distances alike
+    from scipy.spatial import cKDTree
+
+    def median_nn(m):
+        return np.median(cKDTree(m.xyz_a).query(m.xyz_a, k=2)[0][:, 1])
+
+    assert median_nn(small) == pytest.approx(median_nn(default), rel=0.05)
+    with pytest.raises(ValueError, match="scale"):
+        builtin_model(scale=10.0)
+
+
 def test_builtin_model_is_deterministic_and_seeded():
     a, b, c = builtin_model(0), builtin_model(0), builtin_model(1)
     np.testing.assert_array_equal(a.xyz_a, b.xyz_a)

@@ -276,7 +276,7 @@ def _residue_atoms(rng, ca, tangent, outward):
     return np.concatenate(xyz), np.concatenate(elements)
 
 
-def builtin_model(seed: int = 0) -> AtomModel:
+def builtin_model(seed: int = 0, *, scale: float = 1.0) -> AtomModel:
     """A deterministic pseudo-atomic complex: ~250 kDa body, ~50 kDa region on a hinge.
 
     The body is four domains (two all-alpha, one beta-sandwich, one alpha/beta
@@ -294,6 +294,12 @@ def builtin_model(seed: int = 0) -> AtomModel:
     seed : int
         Seed of the pseudo-random details (side chains, helix phases, lattice
         offsets). The same seed gives the same model, atom for atom.
+    scale : float
+        Linear size of the domain layout (centres and envelopes; the helix and
+        strand geometry is unchanged), so masses go as ``scale**3``. The default
+        model reaches ~83 A from its centre of mass (box x pixel size >= ~170 A);
+        ``scale=0.75`` gives a ~100 kDa body and ~24 kDa region reaching ~61 A,
+        for boxes of ~130-150 A in quick tests.
 
     Returns
     -------
@@ -301,9 +307,11 @@ def builtin_model(seed: int = 0) -> AtomModel:
         Coordinates in Angstrom, centred near the origin; ``in_region`` marks
         the region domain.
     """
+    if not 0.3 <= scale <= 3.0:
+        raise ValueError(f"scale {scale}; expected 0.3 to 3")
     rng = np.random.default_rng(seed)
-    centres = np.array([d[0] for d in _DOMAINS])
-    semi = np.array([d[1] for d in _DOMAINS])
+    centres = scale * np.array([d[0] for d in _DOMAINS])
+    semi = scale * np.array([d[1] for d in _DOMAINS])
     frames = np.array([_frame(d[2]) for d in _DOMAINS])
 
     def level(points):  # (k, 3) -> (k, n_domains) normalised ellipsoid radius
@@ -311,8 +319,8 @@ def builtin_model(seed: int = 0) -> AtomModel:
         return np.linalg.norm(local / semi, axis=-1)
 
     xyz, elements, region = [], [], []
-    for d, (_, axes, _, fold, is_region) in enumerate(_DOMAINS):
-        for ca_l, t_l, o_l in _sse_paths(rng, axes, fold):
+    for d, (_, _, _, fold, is_region) in enumerate(_DOMAINS):
+        for ca_l, t_l, o_l in _sse_paths(rng, semi[d], fold):
             ca, t, o = (v @ frames[d].T for v in (ca_l, t_l, o_l))
             ca = ca + centres[d]
             keep = (
@@ -347,7 +355,10 @@ def builtin_model(seed: int = 0) -> AtomModel:
     )
     com = model.center_of_mass_a()
     return AtomModel(
-        xyz - com, model.element, model.in_region, name=f"builtin(seed={seed})"
+        xyz - com,
+        model.element,
+        model.in_region,
+        name=f"builtin(seed={seed}, scale={scale:g})",
     )
 
 
