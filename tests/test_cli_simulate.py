@@ -123,6 +123,12 @@ def test_cli_errors_exit_2_with_one_line(simulated, tmp_path, capsys):
     code = entry_point(["simulate", "--output", str(tmp_path / "y"), "--box", "32"])
     assert code == 2
     assert "larger box" in capsys.readouterr().err
+    code = entry_point(
+        ["simulate", "--output", str(tmp_path / "w"), "--model", "x.pdb", "--region", "A",
+         "--model-scale", "0.5"]
+    )  # fmt: skip
+    assert code == 2
+    assert "--model-scale applies to the built-in model" in capsys.readouterr().err
     # a mask with another pixel size is refused before any work
     mask, _ = read_map(simulated / "region_mask.mrc")
     write_map(tmp_path / "bad_mask.mrc", mask, 2.0)
@@ -136,3 +142,16 @@ def test_cli_errors_exit_2_with_one_line(simulated, tmp_path, capsys):
     assert code == 2
     assert "bad_mask.mrc" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_simulate_compact_builtin_fits_a_small_box(tmp_path):
+    out = tmp_path / "small"
+    code = entry_point(
+        ["simulate", "--output", str(out), "--model-scale", "0.75", "--n-particles", "4",
+         "--box", "48", "--pixel-size", "3", "--snr", "1"]
+    )  # fmt: skip
+    assert code == 0
+    info = json.loads((out / "truth.json").read_text())
+    assert info["settings"]["model"] == "builtin(seed=0, scale=0.75)"
+    assert 85 <= info["derived"]["mass_body_kda"] <= 115
+    assert read_particles(out / "particles.star").box == 48

@@ -11,9 +11,10 @@ Example usage:
 Writes DIR/particles.star + particles.mrcs (consensus poses), DIR/truth.star (the
 region's true poses), map.mrc (consensus reference), body.mrc, region.mrc,
 region_mask.mrc, truth.json and truth.npz. The built-in model (~250 kDa body,
-~50 kDa region) reaches ~85 A from its centre: box x pixel size must exceed
-~170 A. SNR is the variance of the clean CTF-modulated image over the whole box
-divided by the noise variance.
+~50 kDa region) reaches ~83 A from its centre: box x pixel size must exceed
+~170 A (--model-scale 0.75: ~100 + ~24 kDa, ~61 A, boxes of ~140 A). SNR is
+the variance of the clean CTF-modulated image over the whole box divided by the
+noise variance.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--region",
         metavar="SEL",
         help='moving region of a PDB model: chains and residue ranges, e.g. "L,H:1-230"',
+    )
+    parser.add_argument(
+        "--model-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="size of the built-in model's layout (masses go as F^3; 0.75 fits "
+        "~140 A boxes) (default: %(default)s)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
@@ -113,8 +122,16 @@ def main(args: argparse.Namespace) -> int:
                 "--region applies to PDB models; the built-in model has its own region",
                 "leave --region out, or give --model PATH.pdb",
             )
-        model = builtin_model()
+        if not 0.3 <= args.model_scale <= 3.0:
+            raise InputError(
+                None, f"--model-scale is {args.model_scale}", "give 0.3 to 3"
+            )
+        model = builtin_model(scale=args.model_scale)
     else:
+        if args.model_scale != 1.0:
+            raise InputError(
+                None, "--model-scale applies to the built-in model", "leave it out"
+            )
         if not args.region:
             raise InputError(
                 args.model,
