@@ -73,7 +73,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="Angstrom per pixel (default: %(default)s)",
     )
     parser.add_argument(
-        "--snr", type=float, default=0.05, metavar="S", help="(default: %(default)s)"
+        "--snr",
+        type=float,
+        default=0.05,
+        metavar="S",
+        help="clean-image variance over noise variance (default: %(default)s)",
     )
     parser.add_argument(
         "--motion-rotation",
@@ -99,7 +103,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="defocus range in micrometres (default: 1.0 2.5)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, metavar="N", help="(default: %(default)s)"
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of every random draw of the simulation (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
