@@ -50,9 +50,17 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import scipy.fft
 
 from .fourier import frequency_grid_2d
-from .projector import gridding_correction_1d, slice_coordinates, trilinear_corners
+from .projector import (
+    axis_blocks,
+    fft_order_index,
+    gridding_correction_1d,
+    padded_radius2,
+    slice_coordinates,
+    trilinear_corners,
+)
 
 __all__ = ["BackProjector"]
 
@@ -165,12 +173,23 @@ class BackProjector:
         flat_index = index.reshape(-1)
         tri = tri.reshape(8, -1)
         wf = tri * f.reshape(1, -1)  # (8, m P)
-        self.data.reshape(-1)[:] += np.bincount(
-            flat_index, weights=wf.real.reshape(-1), minlength=size
-        ) + 1j * np.bincount(flat_index, weights=wf.imag.reshape(-1), minlength=size)
-        self.weight.reshape(-1)[:] += np.bincount(
-            flat_index, weights=(tri * ctf2.reshape(1, -1)).reshape(-1), minlength=size
-        )
+        # accumulate real and imaginary parts in place (no complex temporaries)
+        parts = self.data.reshape(-1).view(np.float64)  # (2 size,) re, im, re, ...
+        wdata = (wf.real.reshape(-1), wf.imag.reshape(-1))
+        wweight = (tri * ctf2.reshape(1, -1)).reshape(-1)
+        if flat_index.size >= size:
+            # many entries per voxel: one pass with bincount
+            parts[0::2] += np.bincount(flat_index, weights=wdata[0], minlength=size)
+            parts[1::2] += np.bincount(flat_index, weights=wdata[1], minlength=size)
+            self.weight.reshape(-1)[:] += np.bincount(
+                flat_index, weights=wweight, minlength=size
+            )
+        else:
+            # few entries (large box, small batch): bincount's full-length
+            # output dominates; numpy >= 1.25's ufunc.at fast path is cheaper
+            np.add.at(parts, 2 * flat_index, wdata[0])
+            np.add.at(parts, 2 * flat_index + 1, wdata[1])
+            np.add.at(self.weight.reshape(-1), flat_index, wweight)
         self.n_inserted += m
 
     def add(self, other: BackProjector) -> None:
@@ -193,27 +212,12 @@ class BackProjector:
         new.n_inserted = self.n_inserted
         return new
 
-    def _hermitian_x0(self) -> tuple[np.ndarray, np.ndarray]:
-        """Data and weight with the x = 0 plane made Hermitian (step 1)."""
-        data = self.data.copy()
-        weight = self.weight.copy()
+    def _hermitian_x0_plane(self) -> tuple[np.ndarray, np.ndarray]:
+        """Data and weight of the x = 0 plane made Hermitian (step 1), (2c+1, 2c+1)."""
         c = self.c
         plane_d = self.data[: 2 * c + 1, : 2 * c + 1, 0]
         plane_w = self.weight[: 2 * c + 1, : 2 * c + 1, 0]
-        data[: 2 * c + 1, : 2 * c + 1, 0] = plane_d + np.conj(plane_d[::-1, ::-1])
-        weight[: 2 * c + 1, : 2 * c + 1, 0] = plane_w + plane_w[::-1, ::-1]
-        return data, weight
-
-    def _shells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unpadded shell index of every accumulator element and the inside mask."""
-        c = self.c
-        k = np.arange(-c, c + 2, dtype=np.float64)
-        kx = np.arange(c + 2, dtype=np.float64)
-        r = np.sqrt(
-            k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
-        )  # (2c+2, 2c+2, c+2)
-        inside = r <= self.padding * self.r_max_px
-        return np.rint(r / self.padding).astype(np.int64), inside
+        return plane_d + np.conj(plane_d[::-1, ::-1]), plane_w + plane_w[::-1, ::-1]
 
     def fourier_estimate(
         self,
@@ -232,30 +236,45 @@ class BackProjector:
             In the padded layout; zero beyond ``r_max`` and where nothing was
             inserted.
         """
-        data, weight = self._hermitian_x0()
-        shell, inside = self._shells()
+        c = self.c
+        plane_d, plane_w = self._hermitian_x0_plane()
+        denom = self.weight.copy()
+        denom[: 2 * c + 1, : 2 * c + 1, 0] = plane_w
+        r2 = padded_radius2(c)
+        inside = r2 <= (self.padding * self.r_max_px) ** 2
         if fsc is not None:
+            shell = np.rint(np.sqrt(r2) / self.padding).astype(np.int32)
+            del r2
             fsc = np.clip(np.asarray(fsc, dtype=np.float64), 0.001, 0.999)
             n_shells = int(shell[inside].max()) + 1
             f = np.full(n_shells, 0.001)
             f[: min(n_shells, fsc.size)] = fsc[:n_shells]
             ssnr = tau2_fudge * f / (1.0 - f)
             w_sum = np.bincount(
-                shell[inside], weights=weight[inside], minlength=n_shells
+                shell[inside], weights=denom[inside], minlength=n_shells
             )
             count = np.bincount(shell[inside], minlength=n_shells)
             mean_w = w_sum / np.maximum(count, 1)
             reg = mean_w / ssnr  # RELION's 1 / tau2 per shell, see module docstring
-            denom = weight + np.where(inside, reg[np.minimum(shell, n_shells - 1)], 0.0)
+            denom += np.where(inside, reg[np.minimum(shell, n_shells - 1)], 0.0)
+            del shell
         else:
+            del r2
             if wiener_constant is None:
-                mean_w = weight[inside].mean() if inside.any() else 0.0
+                mean_w = denom[inside].mean() if inside.any() else 0.0
                 wiener_constant = 1e-3 * mean_w if mean_w > 0 else 1.0
-            denom = np.maximum(weight, wiener_constant)
+            np.maximum(denom, wiener_constant, out=denom)
         ok = inside & (denom > 0)
-        f3 = np.zeros_like(data)
-        f3[ok] = data[ok] / denom[ok]
-        return f3
+        out = np.zeros_like(self.data)
+        np.divide(self.data, denom, out=out, where=ok)
+        ok_plane = ok[: 2 * c + 1, : 2 * c + 1, 0]
+        out[: 2 * c + 1, : 2 * c + 1, 0] = np.divide(
+            plane_d,
+            denom[: 2 * c + 1, : 2 * c + 1, 0],
+            out=np.zeros_like(plane_d),
+            where=ok_plane,
+        )
+        return out
 
     def reconstruct(
         self,
@@ -296,15 +315,17 @@ class BackProjector:
         n, p, c = self.n, self.padding, self.c
         npad = p * n
         full = np.zeros((npad, npad, npad // 2 + 1), dtype=np.complex128)
-        k = np.arange(-c, c + 1)
-        kx = k[c:]
-        keep = kx <= npad // 2
-        full[np.ix_(k % npad, k % npad, kx[keep])] = f3[
-            : 2 * c + 1, : 2 * c + 1, : c + 1
-        ][:, :, keep]
-        padded = np.fft.fftshift(np.fft.irfftn(full, s=(npad, npad, npad)))
-        start = npad // 2 - n // 2
-        vol = padded[start : start + n, start : start + n, start : start + n]
+        blocks = axis_blocks(c, npad, drop_alias=True)
+        for fz, lz in blocks:
+            for fy, ly in blocks:
+                full[fz, fy, : c + 1] = f3[lz, ly, : c + 1]
+        padded = scipy.fft.irfftn(
+            full, s=(npad, npad, npad), workers=-1, overwrite_x=True
+        )
+        del full
+        idx = fft_order_index(n, npad)
+        vol = padded[np.ix_(idx, idx, idx)]
+        del padded
         g = gridding_correction_1d(n, p)
-        vol = vol / (g[:, None, None] * g[None, :, None] * g[None, None, :])
+        vol /= g[:, None, None] * g[None, :, None] * g[None, None, :]
         return vol.astype(np.float32)

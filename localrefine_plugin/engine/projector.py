@@ -43,13 +43,17 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import scipy.fft
 
 from .fourier import frequency_grid_2d, shift_phases_2d
 
 __all__ = [
     "FourierProjector",
     "forward_model",
+    "axis_blocks",
+    "fft_order_index",
     "gridding_correction_1d",
+    "padded_radius2",
     "slice_coordinates",
     "trilinear_corners",
 ]
@@ -66,6 +70,35 @@ def gridding_correction_1d(n: int, padding: int) -> np.ndarray:
     """
     x = (np.arange(n) - n // 2) / float(padding * n)
     return np.sinc(x) ** 2  # np.sinc(t) = sin(pi t) / (pi t)
+
+
+def fft_order_index(n: int, npad: int) -> np.ndarray:
+    """Indices in an FFT-ordered box of ``npad`` of the pixels ``0 .. n-1`` of a box
+    centred at ``n // 2``: pixel ``i`` sits at ``(i - n // 2) mod npad``."""
+    return (np.arange(n) - n // 2) % npad
+
+
+def axis_blocks(c: int, npad: int, *, drop_alias: bool) -> list[tuple[slice, slice]]:
+    """Contiguous ``(FFT-order slice, layout slice)`` pairs along a y or z axis.
+
+    They map frequencies ``k = -c .. c`` between an FFT-ordered axis of
+    ``npad`` points (``k mod npad``) and the layout's centred axis
+    (``k + c``). With ``drop_alias``, ``k = -c`` is left out where it is the
+    same FFT index as ``+c`` (``2 c + 1 > npad``), so that writes are unique.
+    """
+    lo = -c + 1 if drop_alias and 2 * c + 1 > npad else -c
+    blocks = [(slice(0, c + 1), slice(c, 2 * c + 1))]  # k = 0 .. c
+    if lo < 0:
+        blocks.append((slice(npad + lo, npad), slice(c + lo, c)))  # k = lo .. -1
+    return blocks
+
+
+def padded_radius2(c: int) -> np.ndarray:
+    """Squared padded radius of every element of the layout, int32, shape
+    ``(2 c + 2, 2 c + 2, c + 2)`` (the guard planes included)."""
+    k2 = np.arange(-c, c + 2, dtype=np.int32) ** 2
+    kx2 = np.arange(c + 2, dtype=np.int32) ** 2
+    return k2[:, None, None] + k2[None, :, None] + kx2[None, None, :]
 
 
 def slice_coordinates(
@@ -225,18 +258,23 @@ class FourierProjector:
         real = np.float32 if self.dtype == np.complex64 else np.float64
         g = gridding_correction_1d(n, p)
         corrected = volume / (g[:, None, None] * g[None, :, None] * g[None, None, :])
+        # zero-padded map in FFT order (centre N//2 at index 0), no shift copies
         padded = np.zeros((npad,) * 3, dtype=real)
-        start = npad // 2 - n // 2
-        padded[start : start + n, start : start + n, start : start + n] = corrected
-        f = np.fft.rfftn(np.fft.ifftshift(padded))  # (npad, npad, npad//2+1)
+        idx = fft_order_index(n, npad)
+        padded[np.ix_(idx, idx, idx)] = corrected
+        f = scipy.fft.rfftn(
+            padded, workers=-1, overwrite_x=True
+        )  # (npad, npad, npad//2+1)
         del padded
         # gather frequencies -c..c on z, y (FFT order) and 0..c on x
-        k = np.arange(-c, c + 1)
         out = np.zeros((2 * c + 2, 2 * c + 2, c + 2), dtype=self.dtype)
-        out[: 2 * c + 1, : 2 * c + 1, : c + 1] = f[np.ix_(k % npad, k % npad, k[c:])]
-        kz, ky, kx = np.meshgrid(k, k, k[c:], indexing="ij")
-        outside = kx * kx + ky * ky + kz * kz > (p * self.r_max_px) ** 2
-        out[: 2 * c + 1, : 2 * c + 1, : c + 1][outside] = 0
+        blocks = axis_blocks(c, npad, drop_alias=False)
+        for fz, lz in blocks:
+            for fy, ly in blocks:
+                out[lz, ly, : c + 1] = f[fz, fy, : c + 1]
+        del f
+        r2 = padded_radius2(c)
+        out[r2 > (p * self.r_max_px) ** 2] = 0
         return out
 
     def sample(self, freqs: np.ndarray) -> np.ndarray:
