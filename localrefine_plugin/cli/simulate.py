@@ -56,7 +56,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1000,
         metavar="N",
-        help="(default: %(default)s)",
+        help="number of particles (default: %(default)s)",
     )
     parser.add_argument(
         "--box",
