@@ -262,19 +262,30 @@ def test_scipion_test_runner_finds_and_passes_the_plugin_tests(tmp_path):
     assert "PASSED" in text and "run 6 tests" in text, text[-3000:]
 
 
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (Xvfb)")
-def test_local_refinement_form_opens_in_the_gui():  # pragma: no cover - needs X
-    from localrefine_plugin.protocols import ProtLocalRefine
-    from pyworkflow.gui.form import FormWindow  # noqa: F401
-    from pyworkflow.project import Manager
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (xvfb-run)")
+def test_local_refinement_form_opens_in_the_gui():
+    """Run under ``xvfb-run -a python -m pytest ...`` where no display exists."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import pyworkflow.gui.project.viewprotocols  # noqa: F401  (import order of the GUI)
+        from pyworkflow.gui.form import FormWindow
+        from pyworkflow.project import Manager
 
+    from localrefine_plugin.protocols import ProtLocalRefine
+
+    _domain()
     project = Manager().createProject("localrefine_form_check")
     prot = project.newProtocol(ProtLocalRefine)
-    import tkinter
-
-    root = tkinter.Tk()
-    root.withdraw()
-    window = FormWindow("local refinement", root, prot, lambda *a, **k: None, root)
-    window.show(modal=False, center=False)
-    root.update()
-    root.destroy()
+    window = FormWindow("local refinement", prot, lambda *a, **k: None)
+    try:
+        window.root.update()
+        for name in (
+            "inputParticles",
+            "rotationExtent",
+            "shiftExtent",
+            "fulcrum",
+            "gpuList",
+        ):
+            assert name in window.widgetDict, name
+    finally:
+        window.root.destroy()
