@@ -199,6 +199,24 @@ def test_recentre_and_rebox_keep_the_region_consistent_with_poses(dataset, tmp_p
     )
 
 
+def test_new_box_alone_crops_about_the_centre(dataset, tmp_path):
+    particles = read_particles(dataset.particles_star)
+    reference, _ = read_map(dataset.map)
+    mask, _ = read_map(dataset.region_mask)
+    full = subtract_particles(particles, reference, mask, output_dir=tmp_path / "full")
+    crop = subtract_particles(
+        particles, reference, mask, output_dir=tmp_path / "crop", new_box=40
+    )
+    np.testing.assert_array_equal(crop.shift_voxels, 0)
+    np.testing.assert_allclose(crop.origin_px, particles.origin_px)
+    a = read_particles(full.particles_star).load_images(np.arange(particles.n))
+    b = read_particles(crop.particles_star).load_images(np.arange(particles.n))
+    s = BOX // 2 - 40 // 2
+    np.testing.assert_array_equal(b, a[:, s : s + 40, s : s + 40])
+    ref, _ = read_map(crop.reference)
+    np.testing.assert_array_equal(ref, reference[s : s + 40, s : s + 40, s : s + 40])
+
+
 def test_recenter_helpers_are_exact_integer_moves(rng):
     vol = rng.normal(size=(20, 20, 20)).astype(np.float32)
     out = recenter_map(vol, (3, -2, 1), 12)  # x, y, z
