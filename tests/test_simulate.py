@@ -205,6 +205,24 @@ def test_bad_settings_raise_input_error_before_work(builtin, tmp_path):
                          motion_shift_a=1)  # fmt: skip
 
 
+def test_model_beyond_the_box_radius_is_warned_about(caplog, tmp_path):
+    """Density beyond radius N/2 would wrap around in some projections: say so."""
+    import logging
+
+    model = builtin_model(scale=0.75)  # reaches 60.5 A; 40 px x 3 A: radius 60 A
+    with caplog.at_level(logging.WARNING, logger="localrefine_plugin.engine.simulate"):
+        simulate_dataset(model, output_dir=tmp_path / "a", n_particles=2, box=40,
+                         pixel_size_a=3.0, snr=1.0, motion_rotation_deg=1,
+                         motion_shift_a=1)  # fmt: skip
+    assert "wrapped-around density" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="localrefine_plugin.engine.simulate"):
+        simulate_dataset(model, output_dir=tmp_path / "b", n_particles=2, box=48,
+                         pixel_size_a=3.0, snr=1.0, motion_rotation_deg=1,
+                         motion_shift_a=1)  # fmt: skip
+    assert "wrapped-around" not in caplog.text
+
+
 def test_1hzh_fab_arm_dataset(structures_dir, tmp_path):
     """A real antibody (1HZH) through gemmi, one Fab arm moving."""
     model = pdb_model(structures_dir / "1hzh_igg1_b12.pdb", region="L,H:1-230")

@@ -326,6 +326,15 @@ def simulate_dataset(
 
     # maps: the whole model's centre of mass at the box centre
     model_center_a = model.center_of_mass_a()
+    radius_a = float(np.linalg.norm(model.xyz_a - model_center_a, axis=1).max())
+    if radius_a > (box // 2) * pixel_size_a:
+        # the maps fit the cube, but some projections would wrap around the image edge
+        log.warning(
+            "model %s reaches %.1f A from its centre, beyond the %.1f A radius of the "
+            "box: some images will hold wrapped-around density; use box x pixel size "
+            ">= %.0f A (or a smaller model)",
+            model.name, radius_a, (box // 2) * pixel_size_a, 2 * radius_a,
+        )  # fmt: skip
     body = model_to_map(
         model, box=box, pixel_size_a=pixel_size_a, atoms="body", bfactor_a2=bfactor_a2
     )
