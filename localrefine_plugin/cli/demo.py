@@ -179,6 +179,8 @@ def run_demo_workflow(
     pixel_size_a: float,
     max_iterations: int,
     seed: int,
+    rotation_extent_deg: float = 4.0,
+    shift_extent_px: float = 2.0,
     subtract: bool | None = None,
 ) -> dict:
     """Simulate a dataset, run the template workflow in a new Scipion project, evaluate.
@@ -228,8 +230,8 @@ def run_demo_workflow(
             "map": data.map,
             "region": data.region_map,
             "apix": pixel_size_a,
-            "rotation_extent": 6.0,
-            "shift_extent": 2.0,
+            "rotation_extent": rotation_extent_deg,
+            "shift_extent": shift_extent_px,
             "initial_lowpass": max(8.0, 3 * pixel_size_a),
             "max_iterations": max_iterations,
             "threads": 2,
@@ -309,23 +311,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-particles",
         type=int,
-        default=400,
+        default=200,
         help="simulated particles (default: %(default)s)",
     )
     parser.add_argument(
-        "--box", type=int, default=64, help="box size in pixels (default: %(default)s)"
+        "--box", type=int, default=48, help="box size in pixels (default: %(default)s)"
     )
     parser.add_argument(
         "--pixel-size",
         type=float,
-        default=2.5,
+        default=3.0,
         help="pixel size in Angstrom (default: %(default)s)",
     )
     parser.add_argument(
         "--max-iterations",
         type=int,
-        default=4,
+        default=2,
         help="local refinement iterations at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rotation-extent",
+        type=float,
+        default=4.0,
+        help="rotation search extent in degrees (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shift-extent",
+        type=float,
+        default=2.0,
+        help="shift search extent in pixels (default: %(default)s)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="simulation seed (default: %(default)s)"
@@ -349,6 +363,8 @@ def main(args: argparse.Namespace) -> int:
         pixel_size_a=args.pixel_size,
         max_iterations=args.max_iterations,
         seed=args.seed,
+        rotation_extent_deg=args.rotation_extent,
+        shift_extent_px=args.shift_extent,
         subtract=args.subtract,
     )
     out = sys.stdout
