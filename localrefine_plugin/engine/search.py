@@ -279,14 +279,15 @@ def local_search(
     prior_sigma_shift_px: float | None = None,
     top_k: int = 1,
     score_fn: Callable[..., np.ndarray] = score_poses,
-    shift_resolution_px: float = 0.25,
+    shift_resolution_px: float = 0.125,
     n_stages: int | None = None,
     min_radius_px: float = 6.0,
     bound: str = "gaussian",
     bound_sigmas: float = 3.0,
     signal_radius_px: float | None = None,
-    max_rotation_cells: int | None = 64,
-    max_shift_cells: int | None = 16,
+    max_rotation_cells: int | None = 16,
+    max_shift_cells: int | None = 8,
+    prescreen: bool = True,
     batch_size: int = 8,
 ) -> SearchResult:
     """Best pose of each particle near its consensus pose (branch and bound).
@@ -383,6 +384,9 @@ def local_search(
         gamma=float(bound_sigmas),
         rho=0.3 * n if signal_radius_px is None else float(signal_radius_px),
         caps=(max_rotation_cells, max_shift_cells),
+        prescreen=bool(prescreen),
+        # with top-K, keep poses whose weight may exceed ~1e-3 of the best's
+        slack=0.0 if top_k == 1 else 7.0,
     )
     ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
     inv_sigma2 = np.broadcast_to(
@@ -411,6 +415,94 @@ def local_search(
     )
 
 
+@dataclasses.dataclass
+class _Scored:
+    """Scores of a padded (rotation cells x shift cells) product grid."""
+
+    rv: np.ndarray  # (m, J, 3) cell centres
+    tv: np.ndarray  # (m, S, 2)
+    tv_eval: np.ndarray  # (m, S, 2) clipped into the extent
+    rot: np.ndarray  # (m, J, 3, 3)
+    origins: np.ndarray  # (m, J, S, 2)
+    rot_shift: np.ndarray  # (m, J, 2) fulcrum term
+    e: np.ndarray  # (m, J, S) scores without priors
+    total: np.ndarray  # (m, J, S) with priors, inf where padded
+    valid: np.ndarray  # (m, J, S)
+    jb: np.ndarray  # (m,) best rotation
+    sb: np.ndarray  # (m,) best shift
+
+
+def _score_grid(
+    projector, x, ctf, inv_sigma2, a_cons, o_cons, rot_cells, shift_cells, radius, cfg
+):
+    m = x.shape[0]
+    rv, rvalid = _pad(rot_cells, 3)  # (m, J, 3)
+    tv, tvalid = _pad(shift_cells, 2)  # (m, S, 2)
+    rv_eval = clip_to_extent(rv, cfg["rot_ext"])
+    tv_eval = clip_to_extent(tv, cfg["shift_ext"])
+    rot, origins = candidate_poses(a_cons, o_cons, cfg["fulcrum"], rv_eval, tv_eval)
+    rot_shift = origins[:, :, 0, :] - tv_eval[:, None, 0, :] - o_cons[:, None, :]
+    e = cfg["score_fn"](
+        projector,
+        x,
+        ctf,
+        inv_sigma2,
+        rot,
+        o_cons[:, None, :] + tv_eval,
+        r_max_px=radius,
+        rotation_shifts_px=rot_shift,
+    )  # (m, J, S)
+    prior_r = _prior(np.linalg.norm(rv_eval, axis=-1), cfg["prior_rot"])  # (m, J)
+    prior_s = _prior(np.linalg.norm(tv_eval, axis=-1), cfg["prior_shift"])  # (m, S)
+    valid = rvalid[:, :, None] & tvalid[:, None, :]
+    total = np.where(valid, e + prior_r[:, :, None] + prior_s[:, None, :], np.inf)
+    jb, sb = np.unravel_index(np.argmin(total.reshape(m, -1), axis=1), total.shape[1:])
+    return _Scored(rv, tv, tv_eval, rot, origins, rot_shift, e, total, valid, jb, sb)
+
+
+def _upper_and_high_band(projector, x, ctf, inv_sigma2, o_cons, sc, radius, cfg):
+    """Full score of the best candidate (upper bound), high-band bound, power."""
+    m, n = x.shape[0], x.shape[1]
+    rows = np.arange(m)
+    rot_b = sc.rot[rows, sc.jb]  # (m, 3, 3)
+    e_full = cfg["score_fn"](
+        projector,
+        x,
+        ctf,
+        inv_sigma2,
+        rot_b[:, None],
+        o_cons[:, None, :] + sc.tv_eval[rows, sc.sb][:, None],
+        r_max_px=cfg["r_max"],
+        rotation_shifts_px=sc.rot_shift[rows, sc.jb][:, None],
+    )[:, 0, 0]
+    upper = e_full + (sc.total - sc.e)[rows, sc.jb, sc.sb]  # (m,) with priors
+    power, k = weighted_projection_power(
+        projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"]
+    )
+    high = k > radius
+    h = power[:, high].sum(-1)  # (m,)
+    if cfg["bound"] == "gaussian":
+        high_bound = -0.5 * h - cfg["gamma"] * np.sqrt(h)
+    else:
+        flat, _, _, mult, shell = half_plane_pixels(n, cfg["r_max"])
+        xh = x.reshape(m, -1)[:, flat][:, high]
+        xpow = (np.abs(xh) ** 2 * mult[high] * inv_sigma2[:, shell[high]]).sum(-1)
+        high_bound = 0.5 * h - np.sqrt(h * xpow)
+    return upper, high_bound, power[:, ~high], k[~high], h
+
+
+def _kept(lower, upper, sc, rot_cells, shift_cells, caps):
+    """Per particle: indices of the rotation and shift cells that may hold the best."""
+    out = []
+    for i in range(lower.shape[0]):
+        nj, ns = rot_cells[i].shape[0], shift_cells[i].shape[0]
+        lb = lower[i, :nj, :ns]
+        kj = _keep(lb.min(axis=1), upper[i], int(sc.jb[i]), caps[0])
+        ks = _keep(lb.min(axis=0), upper[i], int(sc.sb[i]), caps[1])
+        out.append((kj, ks))
+    return out
+
+
 def _search_batch(
     projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
 ) -> SearchResult:
@@ -418,124 +510,101 @@ def _search_batch(
     rot_cells = [rotation_grid(cfg["rot_ext"], stages[0].rotation_step_deg)] * m
     shift_cells = [shift_grid(cfg["shift_ext"], stages[0].shift_step_px)] * m
     n_eval = np.zeros(m, dtype=np.int64)
-    score_fn, gamma = cfg["score_fn"], cfg["gamma"]
-    rows = np.arange(m)
-    for t, stage in enumerate(stages):
-        last = t == len(stages) - 1
-        rv, rvalid = _pad(rot_cells, 3)  # (m, J, 3)
-        tv, tvalid = _pad(shift_cells, 2)  # (m, S, 2)
-        rv_eval = clip_to_extent(rv, cfg["rot_ext"])
-        tv_eval = clip_to_extent(tv, cfg["shift_ext"])
-        rot, origins = candidate_poses(a_cons, o_cons, cfg["fulcrum"], rv_eval, tv_eval)
-        rot_shift = (
-            origins[:, :, 0, :] - tv_eval[:, None, 0, :] - o_cons[:, None, :]
-        )  # (m, J, 2)
-        radius = stage.radius_px if not last else cfg["r_max"]
-        e = score_fn(
-            projector,
-            x,
-            ctf,
-            inv_sigma2,
-            rot,
-            o_cons[:, None, :] + tv_eval,
-            r_max_px=radius,
-            rotation_shifts_px=rot_shift,
-        )  # (m, J, S)
-        prior_r = _prior(np.linalg.norm(rv_eval, axis=-1), cfg["prior_rot"])  # (m, J)
-        prior_s = _prior(np.linalg.norm(tv_eval, axis=-1), cfg["prior_shift"])  # (m, S)
-        valid = rvalid[:, :, None] & tvalid[:, None, :]
-        total = np.where(valid, e + prior_r[:, :, None] + prior_s[:, None, :], np.inf)
-        n_eval += valid.sum(axis=(1, 2))
-        log.debug(
-            "stage %d: radius %.1f px, rotation cells %.1f deg, shift cells %.3f px, "
-            "poses per particle %.0f",
-            t,
-            radius,
-            stage.rotation_step_deg,
-            stage.shift_step_px,
-            valid.sum() / m,
+    gamma = cfg["gamma"]
+    args = (projector, x, ctf, inv_sigma2, a_cons, o_cons)
+    for t, stage in enumerate(stages[:-1]):
+        sc = _score_grid(*args, rot_cells, shift_cells, stage.radius_px, cfg)
+        n_eval += sc.valid.sum(axis=(1, 2)) + 1  # + the upper-bound pose
+        upper, high_bound, power, k, h = _upper_and_high_band(
+            projector, x, ctf, inv_sigma2, o_cons, sc, stage.radius_px, cfg
         )
-        flat_best = np.argmin(total.reshape(m, -1), axis=1)
-        jb, sb = np.unravel_index(flat_best, total.shape[1:])
-        if last:
-            return _finish(total, rot, origins, tv_eval, a_cons, n_eval, cfg["top_k"])
-
-        # upper bound: exact full score of the stage's best candidate
-        rot_b = rot[rows, jb]  # (m, 3, 3)
-        e_full = score_fn(
-            projector,
-            x,
-            ctf,
-            inv_sigma2,
-            rot_b[:, None],
-            o_cons[:, None, :] + tv_eval[rows, sb][:, None],
-            r_max_px=cfg["r_max"],
-            rotation_shifts_px=rot_shift[rows, jb][:, None],
-        )[:, 0, 0]
-        n_eval += 1
-        upper = e_full + prior_r[rows, jb] + prior_s[rows, sb]  # (m,)
-
-        power, k = weighted_projection_power(
-            projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"]
-        )
-        high = k > stage.radius_px
-        h = power[:, high].sum(-1)  # (m,)
-        if cfg["bound"] == "gaussian":
-            high_bound = -0.5 * h - gamma * np.sqrt(h)
-        else:
-            flat, _, _, mult, shell = half_plane_pixels(n, cfg["r_max"])
-            xh = x.reshape(m, -1)[:, flat][:, high]
-            xpow = (np.abs(xh) ** 2 * mult[high] * inv_sigma2[:, shell[high]]).sum(-1)
-            high_bound = 0.5 * h - np.sqrt(h * xpow)
         half_rot = np.deg2rad(np.sqrt(3) / 2 * stage.rotation_step_deg)
         half_shift = np.sqrt(2) / 2 * stage.shift_step_px
-        disp = cfg["rho"] * half_rot + half_shift  # pixels
-        low = ~high
-        change = np.minimum(4.0, (2 * np.pi * k[low] * disp / n) ** 2)
-        m_cell = 0.5 * (power[:, low] * change).sum(-1)  # (m,)
+        # mean square displacement of the density (uniform ball of radius rho
+        # about the fulcrum: in-plane rms radius sqrt(2/5) rho), averaged over
+        # the direction of k (factor 1/2)
+        disp2 = 0.4 * (cfg["rho"] * half_rot) ** 2 + half_shift**2  # pixels^2
+        change = np.minimum(4.0, 0.5 * (2 * np.pi * k / n) ** 2 * disp2)
+        m_cell = 0.5 * (power * change).sum(-1)  # (m,)
         margin = m_cell + gamma * np.sqrt(2 * m_cell)
-        prior_r_lb = _prior(
-            np.maximum(
-                np.linalg.norm(rv, axis=-1) - np.sqrt(3) / 2 * stage.rotation_step_deg,
-                0,
-            ),
-            cfg["prior_rot"],
+        rv_near = np.maximum(
+            np.linalg.norm(sc.rv, axis=-1) - np.sqrt(3) / 2 * stage.rotation_step_deg, 0
         )
-        prior_s_lb = _prior(
-            np.maximum(np.linalg.norm(tv, axis=-1) - half_shift, 0), cfg["prior_shift"]
-        )
+        tv_near = np.maximum(np.linalg.norm(sc.tv, axis=-1) - half_shift, 0)
         lower = np.where(
-            valid,
-            e
-            + prior_r_lb[:, :, None]
-            + prior_s_lb[:, None, :]
+            sc.valid,
+            sc.e
+            + _prior(rv_near, cfg["prior_rot"])[:, :, None]
+            + _prior(tv_near, cfg["prior_shift"])[:, None, :]
             - (margin - high_bound)[:, None, None],
             np.inf,
         )  # (m, J, S)
-        next_rot, next_shift = [], []
-        for i in range(m):
-            nj, ns = rot_cells[i].shape[0], shift_cells[i].shape[0]
-            lb = lower[i, :nj, :ns]
-            kj = _keep(lb.min(axis=1), upper[i], int(jb[i]), cfg["caps"][0])
-            ks = _keep(lb.min(axis=0), upper[i], int(sb[i]), cfg["caps"][1])
-            next_rot.append(
-                subdivide_rotations(
-                    rot_cells[i][kj], stage.rotation_step_deg, extent_deg=cfg["rot_ext"]
-                )
-            )
-            next_shift.append(
-                subdivide_shifts(
-                    shift_cells[i][ks], stage.shift_step_px, extent_px=cfg["shift_ext"]
-                )
-            )
-        log.debug(
-            "stage %d: kept rotation cells %.1f, shift cells %.1f per particle",
-            t,
-            np.mean([c.shape[0] / 8 for c in next_rot]),
-            np.mean([c.shape[0] / 4 for c in next_shift]),
+        kept = _kept(
+            lower, upper + cfg["slack"], sc, rot_cells, shift_cells, cfg["caps"]
         )
-        rot_cells, shift_cells = next_rot, next_shift
-    raise AssertionError("unreachable")
+        rot_cells = [
+            subdivide_rotations(
+                rot_cells[i][kj], stage.rotation_step_deg, extent_deg=cfg["rot_ext"]
+            )
+            for i, (kj, _) in enumerate(kept)
+        ]
+        shift_cells = [
+            subdivide_shifts(
+                shift_cells[i][ks], stage.shift_step_px, extent_px=cfg["shift_ext"]
+            )
+            for i, (_, ks) in enumerate(kept)
+        ]
+        log.debug(
+            "stage %d: radius %.1f px, cells %.2f deg x %.3f px, poses per particle "
+            "%.0f; bound terms (means): upper - best %.1f, cell margin %.1f, "
+            "high-band power %.1f; kept rotation cells %.1f, shift cells %.1f",
+            t,
+            stage.radius_px,
+            stage.rotation_step_deg,
+            stage.shift_step_px,
+            sc.valid.sum() / m,
+            np.mean(upper - sc.total[np.arange(m), sc.jb, sc.sb]),
+            np.mean(margin),
+            np.mean(h),
+            np.mean([kj.size for kj, _ in kept]),
+            np.mean([ks.size for _, ks in kept]),
+        )
+
+    # last stage: leaves (cells of the final resolution) are points, so no cell
+    # margin: pre-screen them at half the radius with the high-band bound, then
+    # score the survivors fully.
+    r_pre = stages[-2].radius_px if len(stages) > 1 else cfg["r_max"] / 2
+    if cfg["prescreen"] and r_pre < cfg["r_max"]:
+        sc = _score_grid(*args, rot_cells, shift_cells, r_pre, cfg)
+        n_eval += sc.valid.sum(axis=(1, 2)) + 1
+        upper, high_bound, _, _, _ = _upper_and_high_band(
+            projector, x, ctf, inv_sigma2, o_cons, sc, r_pre, cfg
+        )
+        lower = np.where(sc.valid, sc.total + high_bound[:, None, None], np.inf)
+        kept = _kept(
+            lower, upper + cfg["slack"], sc, rot_cells, shift_cells, (None, None)
+        )
+        log.debug(
+            "leaves: pre-screen at radius %.1f px, poses per particle %.0f, kept "
+            "rotations %.1f, shifts %.1f",
+            r_pre,
+            sc.valid.sum() / m,
+            np.mean([kj.size for kj, _ in kept]),
+            np.mean([ks.size for _, ks in kept]),
+        )
+        rot_cells = [rot_cells[i][kj] for i, (kj, _) in enumerate(kept)]
+        shift_cells = [shift_cells[i][ks] for i, (_, ks) in enumerate(kept)]
+    sc = _score_grid(*args, rot_cells, shift_cells, cfg["r_max"], cfg)
+    n_eval += sc.valid.sum(axis=(1, 2))
+    log.debug(
+        "leaves: radius %.1f px, poses per particle %.0f; total poses per particle %.0f",
+        cfg["r_max"],
+        sc.valid.sum() / m,
+        n_eval.mean(),
+    )
+    return _finish(
+        sc.total, sc.rot, sc.origins, sc.tv_eval, a_cons, n_eval, cfg["top_k"]
+    )
 
 
 def _finish(total, rot, origins, tv_eval, a_cons, n_eval, top_k) -> SearchResult:
