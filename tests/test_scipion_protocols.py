@@ -230,6 +230,33 @@ class TestLocalRefineProtocols(BaseTest):
             os.path.realpath(first.getFileName()), os.path.realpath(self.data.stack)
         )
 
+    @unittest.skipUnless("subtract" in COMMANDS, "localrefine subtract not there yet")
+    def test_subtract_recentred_and_reboxed_outputs_the_new_grid(self):
+        prot = self._run(
+            ProtLocalRefineSubtract,
+            "subtract, re-centre and re-box",
+            inputParticles=self.protParticles.outputParticles,
+            inputVolume=self.protVolume.outputVolume,
+            inputMask=self.protMask.outputMask,
+            recenter=True,
+            newBox=32,
+        )
+        out = prot.outputParticles
+        self.assertSetSize(out, N_PARTICLES)
+        self.assertEqual(out.getXDim(), 32)
+        _assert_same_poses(self, out, prot._getExtraPath("subtract", "particles.star"))
+        vol, mask = prot.outputVolume, prot.outputMask
+        self.assertIsInstance(mask, emobj.VolumeMask)
+        for obj in (vol, mask):
+            self.assertAlmostEqual(obj.getSamplingRate(), APIX)
+            self.assertEqual(read_map(obj.getFileName())[0].shape, (32, 32, 32))
+        self.assertTrue(vol.hasHalfMaps())
+        # the mask's centre of mass is now at the box centre (within a pixel)
+        from localrefine_plugin.engine.masks import center_of_mass_px
+
+        com = center_of_mass_px(read_map(mask.getFileName())[0])
+        self.assertLess(float(np.abs(com).max()), 1.0, com)
+
     # ------------------------------------------------------ local refine --
     @pytest.mark.slow
     @unittest.skipUnless("refine" in COMMANDS, "localrefine refine not there yet")
