@@ -1,0 +1,350 @@
+"""GPU benchmark of the local-refinement kernels against the 2-core CPU path.
+
+At each box (default 128 and 256) it measures, on the same synthetic data:
+
+* pose scoring (one branch-and-bound stage at its cap: J = 512 rotations x
+  S = 64 shifts per particle, radius 0.4 N): poses scored per second on the GPU
+  (end to end: host weight folding, transfers, both kernels) and on the CPU
+  (``engine.scoring.score_poses``, fewer particles);
+* the ``score_tiles`` + ``phase_table`` kernels alone (CUDA events): FLOP/s and
+  compulsory DRAM bytes/s as fractions of the card's FP32 peak and memory
+  bandwidth, and which of the two bounds it;
+* a whole local search (``engine.search.local_search`` with the defaults:
+  10 deg, 3 px, 0.5 deg, radius 0.4 N) with the GPU ``score_fn`` and with the
+  CPU one: particles per second per iteration (the search part of an iteration);
+* slice extraction (images/s) and back-projection (images/s, float32 and
+  float64 atomic accumulators, against the CPU ``BackProjector.insert``).
+
+The CPU path runs with 2 BLAS/OpenMP threads (the 2-core development
+machine's configuration; ``--cpu-threads``) and on fewer particles than the
+GPU (stated in the output). Results are printed as a table and written as
+JSON (``--json``). Example::
+
+    python benchmarks/bench_gpu.py --json results.json
+    python benchmarks/bench_gpu.py --boxes 128 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--cpu-threads", type=int, default=2, help="threads of the CPU path")
+    p.add_argument("--quick", action="store_true", help="small counts (a dry run)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="FP32 peak, TFLOP/s")
+    p.add_argument(
+        "--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s"
+    )
+    return p.parse_args(argv)
+
+
+ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(ARGS.cpu_threads)  # before NumPy loads its BLAS
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from localrefine_plugin.engine.backprojector import BackProjector  # noqa: E402
+from localrefine_plugin.engine.ctf import CtfParams, ctf_2d  # noqa: E402
+from localrefine_plugin.engine.fourier import image_to_fourier  # noqa: E402
+from localrefine_plugin.engine.geometry import axis_angle_to_matrix, euler_to_matrix  # noqa: E402
+from localrefine_plugin.engine.projector import FourierProjector, forward_model  # noqa: E402
+from localrefine_plugin.engine.scoring import half_plane_pixels, score_poses  # noqa: E402
+from localrefine_plugin.engine.search import local_search  # noqa: E402
+
+#: (name substring, FP32 TFLOP/s, memory TB/s): vendor peaks (H100 SXM5: 67
+#: TFLOP/s FP32, 3.35 TB/s HBM3; PCIe: 51, 2.0; H200: 67, 4.8; A100 SXM: 19.5, 2.04)
+PEAKS = [("H100 PCIe", 51.2, 2.0), ("H100", 66.9, 3.35), ("H200", 66.9, 4.8),
+         ("A100", 19.5, 2.04)]  # fmt: skip
+
+J_STAGE, S_STAGE = 512, 64
+
+
+def blob_volume(
+    n: int, seed: int = 0, n_blobs: int = 40, sigma_px: float = 1.5
+) -> np.ndarray:
+    """Gaussian blobs in a sphere of radius 0.3 N (separable: fast at box 256)."""
+    rng = np.random.default_rng(seed)
+    ax = np.arange(n, dtype=np.float64) - n // 2
+    vol = np.zeros((n, n, n), dtype=np.float32)
+    placed = 0
+    while placed < n_blobs:
+        p = rng.uniform(-0.3 * n, 0.3 * n, 3)
+        if np.linalg.norm(p) >= 0.3 * n:
+            continue
+        gx, gy, gz = (np.exp(-((ax - c) ** 2) / (2 * sigma_px**2)) for c in p)
+        vol += (
+            rng.uniform(0.5, 1.5) * gz[:, None, None] * gy[None, :, None] * gx
+        ).astype(np.float32)
+        placed += 1
+    return vol
+
+
+def particles(proj, m: int, rng, *, snr: float = 0.3):
+    """m noisy CTF-modulated images of the map at random poses (Fourier layout)."""
+    n = proj.n
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    o = rng.uniform(-2, 2, (m, 2))
+    d = rng.uniform(8000, 20000, m)
+    ctf = ctf_2d(CtfParams(d, 0.97 * d, rng.uniform(0, 180, m)), n, 1.5)
+    clean = forward_model(proj, a, origins_px=o, ctf=ctf)
+    sd = float(np.sqrt(np.mean(np.abs(clean) ** 2) / (n * n) / snr))
+    x = clean + image_to_fourier(rng.normal(0, sd, (m, n, n)).astype(np.float32))
+    inv_s2 = np.full((m, n // 2 + 1), 1.0 / (sd * sd * n * n))
+    return x.astype(np.complex64), ctf, inv_s2, a, o
+
+
+def stage_candidates(a, o, rng):
+    """J_STAGE rotations within 10 deg and S_STAGE shifts within 3 px of each pose."""
+    m = a.shape[0]
+    axes = rng.normal(size=(m, J_STAGE, 3))
+    delta = axis_angle_to_matrix(axes, rng.uniform(0, 10, (m, J_STAGE)))
+    rots = np.einsum("mij,mnjk->mnik", a, delta)
+    shifts = o[:, None, :] + rng.uniform(-3, 3, (m, S_STAGE, 2))
+    return rots, shifts
+
+
+def timed(fn, repeat: int = 1):
+    """Best wall time (s) of ``repeat`` calls (the GPU is synchronised by .get())."""
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_box(n: int, quick: bool, peaks, log) -> dict:
+    import pycuda.driver as cuda
+
+    from localrefine_plugin.kernels import get_score_fn
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_projector import _project_cuda, device_volume
+    from localrefine_plugin.kernels.cuda_scoring import (
+        _score_cuda,
+        _ScoreLaunch,
+        byte_count,
+        flop_count,
+    )
+
+    rng = np.random.default_rng(n)
+    r_max = round(0.4 * n)
+    t0 = time.perf_counter()
+    proj = FourierProjector(blob_volume(n), r_max_px=r_max + 1)
+    log(
+        f"box {n}: projector ready in {time.perf_counter() - t0:.1f} s (r_max {r_max} px)"
+    )
+    res: dict = {"box": n, "r_max_px": r_max, "J": J_STAGE, "S": S_STAGE}
+    m_gpu = (16 if quick else 256) if n <= 128 else (8 if quick else 96)
+    m_cpu = 1 if quick or n > 128 else 2
+    x, ctf, inv_s2, a, o = particles(proj, m_gpu, rng)
+    rots, shifts = stage_candidates(a, o, rng)
+    npix = half_plane_pixels(n, float(r_max))[0].size
+    res["pixels"] = npix
+
+    # -- pose scoring, end to end ------------------------------------------------------
+    score_fn = get_score_fn()
+    score_fn(
+        proj, x[:2], ctf[:2], inv_s2[:2], rots[:2], shifts[:2], r_max_px=r_max
+    )  # warm
+    t_gpu = timed(
+        lambda: _score_cuda(proj, x, ctf, inv_s2, rots, shifts, r_max_px=r_max),
+        repeat=3,
+    )
+    t_cpu = timed(
+        lambda: score_poses(
+            proj, x[:m_cpu], ctf[:m_cpu], inv_s2[:m_cpu], rots[:m_cpu], shifts[:m_cpu],
+            r_max_px=r_max,
+        )
+    )  # fmt: skip
+    poses = J_STAGE * S_STAGE
+    res["gpu_poses_per_s"] = m_gpu * poses / t_gpu
+    res["cpu_poses_per_s"] = m_cpu * poses / t_cpu
+    res["gpu_particles_scoring"], res["cpu_particles_scoring"] = m_gpu, m_cpu
+    log(
+        f"  scoring: GPU {res['gpu_poses_per_s']:.3g} poses/s ({m_gpu} particles), "
+        f"CPU {res['cpu_poses_per_s']:.3g} poses/s ({m_cpu}), "
+        f"ratio {res['gpu_poses_per_s'] / res['cpu_poses_per_s']:.0f}x"
+    )
+
+    # -- the kernels alone -------------------------------------------------------------
+    launch = _ScoreLaunch(proj, x, ctf, inv_s2, rots, shifts, None, float(r_max))
+    start, stop = cuda.Event(), cuda.Event()
+    times = []
+    for _ in range(5):
+        start.record()
+        launch.phase_table()
+        launch.scores()
+        stop.record()
+        stop.synchronize()
+        times.append(stop.time_since(start) * 1e-3)
+    t_k = float(np.median(times))
+    flops = flop_count(m_gpu, J_STAGE, S_STAGE, npix)
+    nbytes = byte_count(m_gpu, J_STAGE, S_STAGE, npix, device_volume(proj).nbytes)
+    nbytes += m_gpu * (
+        8.0 * npix + 8.0 * S_STAGE * npix
+    )  # phase_table: read Y, write Z
+    res["kernel_s"] = t_k
+    res["kernel_tflops"] = flops / t_k / 1e12
+    res["kernel_tbps"] = nbytes / t_k / 1e12
+    res["kernel_poses_per_s"] = m_gpu * poses / t_k
+    if peaks:
+        res["fp32_fraction"] = res["kernel_tflops"] / peaks[0]
+        res["bandwidth_fraction"] = res["kernel_tbps"] / peaks[1]
+        res["bound"] = (
+            "compute (FP32)"
+            if res["fp32_fraction"] >= res["bandwidth_fraction"]
+            else "memory"
+        )
+    log(
+        f"  kernels alone: {t_k * 1e3:.2f} ms, {res['kernel_tflops']:.2f} TFLOP/s"
+        + (f" ({100 * res['fp32_fraction']:.1f}% of FP32 peak)" if peaks else "")
+        + f", {res['kernel_tbps']:.3f} TB/s"
+        + (
+            f" ({100 * res['bandwidth_fraction']:.1f}% of bandwidth): {res['bound']}-bound"
+            if peaks
+            else ""
+        )  # fmt: skip
+    )
+
+    # -- a whole local search (the search part of one iteration) -----------------------
+    m_s_gpu = (16 if quick else 256) if n <= 128 else (8 if quick else 64)
+    m_s_cpu = 1 if quick or n > 128 else 2
+    xs, cs, ss, a_s, o_s = particles(proj, m_s_gpu, rng)
+    a_cons = np.einsum(
+        "mij,mjk->mik", a_s, axis_angle_to_matrix(rng.normal(size=(m_s_gpu, 3)), 3.0)
+    )
+    kw = dict(
+        consensus_rotations=a_cons, consensus_origins_px=o_s + 0.7,
+        fulcrum_px=np.zeros(3), r_max_px=float(r_max),
+    )  # fmt: skip
+    t_sg = timed(
+        lambda: local_search(
+            proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw
+        )
+    )
+    sub = {k: (v[:m_s_cpu] if k.startswith("consensus") else v) for k, v in kw.items()}
+    found = {}
+
+    def cpu_search():
+        found["r"] = local_search(proj, xs[:m_s_cpu], cs[:m_s_cpu], ss[:m_s_cpu], **sub)
+
+    t_sc = timed(cpu_search)
+    res["gpu_particles_per_s"] = m_s_gpu / t_sg
+    res["cpu_particles_per_s"] = m_s_cpu / t_sc
+    res["poses_per_particle"] = float(np.mean(found["r"].n_evaluated))
+    res["gpu_particles_search"], res["cpu_particles_search"] = m_s_gpu, m_s_cpu
+    log(
+        f"  local search: GPU {res['gpu_particles_per_s']:.3g} particles/s ({m_s_gpu}), "
+        f"CPU {res['cpu_particles_per_s']:.3g} particles/s ({m_s_cpu}), ratio "
+        f"{res['gpu_particles_per_s'] / res['cpu_particles_per_s']:.0f}x, "
+        f"{res['poses_per_particle']:.0f} poses/particle"
+    )
+
+    # -- projection and back-projection -------------------------------------------------
+    m_p = 64 if quick else 512
+    ap = euler_to_matrix(*rng.uniform(-180, 180, (3, m_p)))
+    _project_cuda(proj, ap[:4])
+    t_pg = timed(lambda: _project_cuda(proj, ap), repeat=2)
+    m_pc = 8 if quick else 32
+    t_pc = timed(lambda: proj.project(ap[:m_pc]))
+    res["gpu_projections_per_s"] = m_p / t_pg
+    res["cpu_projections_per_s"] = m_pc / t_pc
+    f_img = _project_cuda(proj, ap)
+    ctf_p = ctf_2d(CtfParams(15000.0, 15000.0, 0.0), n, 1.5)
+    for acc in ("float32", "float64"):
+        bp = CudaBackProjector(n, accumulator=acc)
+        bp.insert(f_img[:4], ap[:4], ctf=ctf_p)
+        bp.flush()
+
+        def run(bp=bp):
+            bp.insert(f_img, ap, ctf=ctf_p)
+            bp._dev[1].get()  # synchronise on the weights
+
+        res[f"gpu_insert_{acc}_per_s"] = m_p / timed(run, repeat=2)
+    cpu_bp = BackProjector(n)
+    res["cpu_insert_per_s"] = m_pc / timed(
+        lambda: cpu_bp.insert(f_img[:m_pc], ap[:m_pc], ctf=ctf_p)
+    )
+    log(
+        f"  projection: GPU {res['gpu_projections_per_s']:.3g} images/s, CPU "
+        f"{res['cpu_projections_per_s']:.3g}; insertion: GPU float32 "
+        f"{res['gpu_insert_float32_per_s']:.3g}, float64 {res['gpu_insert_float64_per_s']:.3g}, "
+        f"CPU {res['cpu_insert_per_s']:.3g} images/s"
+    )
+    return res
+
+
+def main() -> int:
+    from localrefine_plugin.kernels.backend import (
+        cuda_available,
+        device_name,
+        ensure_context,
+    )
+
+    ok, reason = cuda_available()
+    if not ok:
+        print(f"bench_gpu: no GPU: {reason}", file=sys.stderr)
+        return 2
+    ensure_context()
+    name = device_name()
+    peaks = None
+    if ARGS.peak_tflops and ARGS.peak_tbps:
+        peaks = (ARGS.peak_tflops, ARGS.peak_tbps)
+    else:
+        for key, tf, tb in PEAKS:
+            if key in name:
+                peaks = (tf, tb)
+                break
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"GPU: {name}; peaks used: {peaks} (FP32 TFLOP/s, TB/s); CPU path: "
+        f"{ARGS.cpu_threads} threads; numpy {np.__version__}")  # fmt: skip
+    results = {"gpu": name, "peaks": peaks, "cpu_threads": ARGS.cpu_threads,
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "boxes": []}  # fmt: skip
+    for n in ARGS.boxes:
+        results["boxes"].append(bench_box(n, ARGS.quick, peaks, log))
+    log("\nbox | GPU poses/s | CPU poses/s | ratio | GPU particles/s | CPU particles/s | ratio "
+        "| kernel TFLOP/s (FP32 %) | kernel TB/s (BW %)")  # fmt: skip
+    for r in results["boxes"]:
+        log(
+            f"{r['box']} | {r['gpu_poses_per_s']:.3g} | {r['cpu_poses_per_s']:.3g} | "
+            f"{r['gpu_poses_per_s'] / r['cpu_poses_per_s']:.0f}x | "
+            f"{r['gpu_particles_per_s']:.3g} | {r['cpu_particles_per_s']:.3g} | "
+            f"{r['gpu_particles_per_s'] / r['cpu_particles_per_s']:.0f}x | "
+            f"{r['kernel_tflops']:.2f} ({100 * r.get('fp32_fraction', np.nan):.1f}%) | "
+            f"{r['kernel_tbps']:.3f} ({100 * r.get('bandwidth_fraction', np.nan):.1f}%)"
+        )
+    big = [r for r in results["boxes"] if r["box"] == 256]
+    if big:
+        r = big[0]
+        t_search = 1e6 / r["gpu_particles_per_s"]
+        t_insert = 1e6 / r["gpu_insert_float32_per_s"]
+        results["million_particles_box256_s"] = t_search + t_insert
+        log(
+            f"\n10^6 particles at box 256, one iteration on this GPU (from the rates above): "
+            f"search {t_search / 60:.1f} min + insertion {t_insert / 60:.1f} min = "
+            f"{(t_search + t_insert) / 60:.1f} min (image reading and FFTs not included)"
+        )
+    if ARGS.json:
+        tmp = ARGS.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(tmp, ARGS.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

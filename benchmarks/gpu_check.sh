@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build PyCUDA from the carried sdist, run the GPU tests and
+# the GPU benchmark, write logs and results to OUTDIR.
+#
+# Usage (repository root, on a machine with an NVIDIA GPU, nvcc, Python 3 with
+# numpy, and no package registry):
+#     bash benchmarks/gpu_check.sh OUTDIR
+#
+# Needs in .device/ (git-ignored; fill it where pip works, see docs/gpu.md):
+#     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
+#     typing_extensions, siphash24, mako, markupsafe, mrcfile.
+# Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
+# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json.
+# Time: ~1 min build on 16 cores, tests and benchmark capped by timeouts so the
+# whole script ends within ~8 minutes.
+set -u -o pipefail
+
+OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+REPO=${LR_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+DEVICE_DIR=$REPO/.device
+PY=${PYTHON:-python3}
+WORK=${LR_GPU_WORK:-/tmp/lr_gpu_check}
+T0=$(date +%s)
+exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
+
+stamp() { echo "[$(($(date +%s) - T0)) s] $*"; }
+status=0
+
+stamp "gpu_check: repo $REPO, python $($PY --version 2>&1), $(nproc) cores"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader ||
+    stamp "nvidia-smi failed"
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+"$NVCC" --version | tail -2
+CUDA_ROOT=
+for root in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda \
+    "$(dirname "$(dirname "$(readlink -f "$NVCC")")")"; do
+    if [ -n "$root" ] && [ -f "$root/include/cuda.h" ]; then CUDA_ROOT=$root; break; fi
+done
+stamp "CUDA root ${CUDA_ROOT:-not found}"
+cd "$REPO" || exit 1
+git log --oneline -1 2>/dev/null || true
+
+# -- 1. pure-Python dependencies (carried wheels) ---------------------------------
+SITE=$WORK/site
+mkdir -p "$SITE"
+if ! $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$DEVICE_DIR"/*.whl; then
+    stamp "WARNING: some carried wheels did not install (see above)"
+fi
+export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+
+# -- 2. PyCUDA from its sdist, objects compiled in parallel -----------------------
+HEADERS=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+if [ ! -f "$HEADERS/Python.h" ]; then
+    stamp "ERROR: Python.h not found in $HEADERS: PyCUDA cannot be built here"
+    exit 3
+fi
+LIBCUDA_DIR=${LR_LIBCUDA_DIR:-}
+[ -z "$LIBCUDA_DIR" ] && for d in "$CUDA_ROOT/lib64/stubs" "$CUDA_ROOT/targets/x86_64-linux/lib/stubs" \
+    /usr/lib/x86_64-linux-gnu /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib64; do
+    if [ -e "$d/libcuda.so" ]; then LIBCUDA_DIR=$d; break; fi
+done
+if [ -z "$LIBCUDA_DIR" ]; then  # only libcuda.so.1 (the driver's): link against it
+    so1=$(ldconfig -p | awk '/libcuda\.so\.1 /{print $NF; exit}' || true)
+    [ -z "$so1" ] && so1=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | head -1)
+    mkdir -p "$WORK/cudalib"
+    ln -sf "$so1" "$WORK/cudalib/libcuda.so"
+    LIBCUDA_DIR=$WORK/cudalib
+fi
+stamp "linking PyCUDA against $LIBCUDA_DIR/libcuda.so"
+
+SDIST=$(ls "$DEVICE_DIR"/pycuda-*.tar.gz | head -1)
+rm -rf "$WORK/src" && mkdir -p "$WORK/src"
+tar xzf "$SDIST" -C "$WORK/src"
+SRC=$(ls -d "$WORK"/src/pycuda-*/)
+cat > "$WORK/parbuild.py" <<'EOF'
+# setup.py build_ext with the object files of each extension compiled in parallel
+import os, runpy, sys
+from concurrent.futures import ThreadPoolExecutor
+
+def patch(cls):
+    def compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                extra_preargs=None, extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+        def one(obj):
+            if obj in build:
+                src, ext = build[obj]
+                self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+        with ThreadPoolExecutor(int(os.environ.get("NJOBS", "8"))) as pool:
+            list(pool.map(one, objects))
+        return objects
+    cls.compile = compile
+
+import setuptools  # noqa: F401  (provides distutils on Python >= 3.12)
+try:
+    from distutils import ccompiler
+    ccompiler.CCompiler._setup_compile, ccompiler.CCompiler._get_cc_args
+    patch(ccompiler.CCompiler)
+except Exception as exc:  # an unknown distutils: build serially
+    print("parbuild: serial build,", exc)
+sys.path.insert(0, os.getcwd())
+sys.argv = ["setup.py"] + sys.argv[1:]
+runpy.run_path("setup.py", run_name="__main__")
+EOF
+(
+    cd "$SRC" &&
+        $PY configure.py --cuda-root="$CUDA_ROOT" --no-cuda-enable-curand \
+            --cudadrv-lib-dir="$LIBCUDA_DIR" &&
+        NJOBS=$(nproc) $PY "$WORK/parbuild.py" build_ext --inplace
+) > "$OUTDIR/build.log" 2>&1
+build_rc=$?
+stamp "PyCUDA build exit $build_rc (log: build.log)"
+tail -5 "$OUTDIR/build.log"
+export PYTHONPATH=$SRC:$PYTHONPATH
+if ! $PY -c "import pycuda.driver as d; d.init(); print('PyCUDA', __import__('pycuda').VERSION_TEXT, 'sees', d.Device(0).name())"; then
+    stamp "ERROR: PyCUDA does not import or sees no GPU"
+    exit 4
+fi
+
+# -- 3. GPU tests (a missing GPU fails, never skips) --------------------------------
+export LOCALREFINE_REQUIRE=gpu
+export PYTHONUNBUFFERED=1
+stamp "GPU tests"
+timeout 240 $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu and not slow" \
+    -v -rs -s --durations=8 -W "ignore::DeprecationWarning" --junitxml="$OUTDIR/gpu_tests.xml" ||
+    status=5
+
+# -- 4. GPU benchmark ----------------------------------------------------------------
+stamp "GPU benchmark"
+timeout 210 $PY benchmarks/bench_gpu.py --json "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/bench_gpu.txt" ||
+    status=6
+
+# -- 5. the small full refinement, GPU against CPU (if time is left) ----------------
+left=$((470 - ($(date +%s) - T0)))
+if [ $left -gt 40 ]; then
+    stamp "refinement test (timeout $left s)"
+    timeout $left $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu and slow" \
+        -v -rs -s -W "ignore::DeprecationWarning" || status=7
+else
+    stamp "no time left for the refinement test"
+fi
+stamp "gpu_check done, status $status"
+sleep 1  # let tee finish the log
+exit $status
