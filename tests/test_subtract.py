@@ -294,7 +294,7 @@ def test_relion_reconstructs_the_region_from_recentred_reboxed_output(
     expected = read_map(result.reference)[0] * read_map(result.mask)[0]
 
     def reconstruct(star, out, folder="sub"):
-        # RELION resolves image names from the current directory: run in the STAR's
+        # RELION resolves image names from the current directory: run in the STAR's folder
         subprocess.run(
             [str(relion_bin / "relion_reconstruct"), "--i", star, "--o", out, "--ctf"],
             cwd=tmp_path / folder, check=True, capture_output=True, timeout=300,
