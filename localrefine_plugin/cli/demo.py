@@ -320,8 +320,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pixel-size",
         type=float,
-        default=3.0,
-        help="pixel size in Angstrom (default: %(default)s)",
+        default=3.5,
+        help="pixel size in Angstrom; box x pixel size must hold the built-in "
+        "model (>= 165 A) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-iterations",
