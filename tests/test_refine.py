@@ -621,3 +621,46 @@ def test_options_round_trip_through_json():
     opts = RefineOptions(fulcrum=(10.0, 20.5, 30.0), prior_sigma_rotation_deg=2.0)
     again = RefineOptions.from_dict(json.loads(json.dumps(opts.to_dict())))
     assert again == opts
+
+
+@pytest.mark.slow
+def test_marginalisation_dynamic_mask_priors_and_half_maps_run(tmp_path):
+    """The optional paths run end to end and keep their promises."""
+    data = make_dataset(tmp_path / "data", n=60, snr=2.0, perturb_deg=2.0, seed=9)
+    vol, _ = mrc_io.read_map(data["reference"])
+    halves = []
+    for i in (1, 2):
+        halves.append(tmp_path / f"h{i}.mrc")
+        mrc_io.write_map(halves[-1], vol, PIXEL_A)
+    options = RefineOptions(
+        **{**FAST, "batch_size": 16, "threads": 2},
+        marginalize_top_k=3,
+        dynamic_mask=True,
+        dynamic_mask_near_a=3.0,
+        dynamic_mask_far_a=9.0,
+        prior_sigma_rotation_deg=2.0,
+        prior_sigma_shift_a=3.0,
+        fulcrum="box",
+    )
+    result = run_local_refinement(
+        data["star"],
+        data["reference"],
+        data["mask"],
+        output_dir=tmp_path / "out",
+        options=options,
+        half_maps=halves,
+    )
+    assert result.complete and result.iterations == 2
+    rot, _ = read_poses(tmp_path / "out" / "particles.star")
+    assert (
+        geodesic_angle_deg(rot, data["cons_rot"]).max()
+        <= FAST["rotation_extent_deg"] + 1e-6
+    )
+    before = np.median(geodesic_angle_deg(data["cons_rot"], data["true_rot"]))
+    after = np.median(geodesic_angle_deg(rot, data["true_rot"]))
+    assert after < before
+    assert result.summary["fulcrum_px"] == [0.0, 0.0, 0.0]
+    assert result.summary["options"]["marginalize_top_k"] == 3
+    assert "half maps" in (tmp_path / "out" / "refine.log").read_text()
+    full, _ = mrc_io.read_map(tmp_path / "out" / "map.mrc")
+    assert np.corrcoef(full.ravel(), vol.ravel())[0, 1] > 0.8
