@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import importlib.util
 import os
 
 import pyworkflow.protocol.params as params
@@ -398,6 +399,11 @@ class ProtLocalRefine(ProtRefine3D):
             errors.append("Initial lowpass resolution must be > 0 A.")
         if self.maxIterations.get() is None or self.maxIterations.get() < 1:
             errors.append("Maximum number of iterations must be >= 1.")
+        if self.numberOfMpi.get() > 1 and importlib.util.find_spec("mpi4py") is None:
+            errors.append(
+                "MPI processes > 1 need mpi4py (pip install "
+                "'scipion-em-localrefine[mpi]'); or set MPI to 1 and use threads."
+            )
         if self._wantsGpu():
             errors += gpu_errors(
                 self.gpuList.get(), allow_cpu_fallback=self.allowCpuFallback.get()

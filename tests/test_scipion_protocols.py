@@ -376,6 +376,16 @@ class TestLocalRefineProtocols(BaseTest):
             self.assertEqual(prot.validate(), [])
             self.assertIn("--device cuda", prot._getArgsLine())
 
+    def test_mpi_without_mpi4py_is_refused(self):
+        import importlib.util
+
+        prot = self._refineProt(numberOfMpi=2)
+        errors = prot.validate()
+        if importlib.util.find_spec("mpi4py") is None:
+            self.assertTrue(any("mpi4py" in e for e in errors), errors)
+        else:
+            self.assertFalse(any("mpi4py" in e for e in errors), errors)
+
     def test_refine_arguments_follow_the_form(self):
         prot = self._refineProt(
             rotationExtent=4.0,
