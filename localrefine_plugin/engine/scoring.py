@@ -159,7 +159,39 @@ def score_poses(
             f"shifts_px must have shape ({m}, S, 2); got {shifts_px.shape}"
         )
     n_rot = rotations.shape[1]
-    flat, kx, ky, mult, shell = half_plane_pixels(n, float(r_max_px))
+    if rotation_shifts_px is not None:
+        rotation_shifts_px = np.asarray(rotation_shifts_px, dtype=np.float64)
+        if rotation_shifts_px.shape != (m, n_rot, 2):
+            raise ValueError(
+                f"rotation_shifts_px must have shape ({m}, {n_rot}, 2); "
+                f"got {rotation_shifts_px.shape}"
+            )
+    pixels = half_plane_pixels(n, float(r_max_px))
+    out = np.empty((m, n_rot, shifts_px.shape[1]))
+    # particles per block: bounds the (particles x rotations x pixels) arrays
+    step = max(1, _CHUNK_ELEMENTS // max(n_rot * pixels[0].size, 1))
+    for start in range(0, m, step):
+        sl = slice(start, min(start + step, m))
+        out[sl] = _score_block(
+            projector,
+            images_f[sl],
+            ctf[sl],
+            inv_sigma2[sl],
+            rotations[sl],
+            shifts_px[sl],
+            None if rotation_shifts_px is None else rotation_shifts_px[sl],
+            pixels,
+            n,
+        )
+    return out
+
+
+def _score_block(
+    projector, images_f, ctf, inv_sigma2, rotations, shifts_px, rs, pixels, n
+):
+    """:func:`score_poses` for a block of particles (arguments validated)."""
+    m, n_rot = rotations.shape[:2]
+    flat, kx, ky, mult, shell = pixels
     x = images_f.reshape(m, -1)[:, flat].astype(np.complex128)  # (m, P)
     c = ctf.reshape(m, -1)[:, flat].astype(np.float64)  # (m, P)
     w = mult[None, :] * inv_sigma2[:, shell]  # (m, P)
@@ -168,12 +200,7 @@ def score_poses(
 
     proj = _project(projector, rotations.reshape(m * n_rot, 3, 3), kx, ky)
     proj = proj.reshape(m, n_rot, -1)  # (m, J, P)
-    if rotation_shifts_px is not None:
-        rs = np.asarray(rotation_shifts_px, dtype=np.float64)
-        if rs.shape != (m, n_rot, 2):
-            raise ValueError(
-                f"rotation_shifts_px must have shape ({m}, {n_rot}, 2); got {rs.shape}"
-            )
+    if rs is not None:
         proj *= np.exp((2j * np.pi / n) * (rs[..., 0:1] * kx + rs[..., 1:2] * ky))
     power = proj.real**2 + proj.imag**2  # (m, J, P)
     sq = 0.5 * np.einsum("mjp,mp->mj", power, a)  # (m, J)
