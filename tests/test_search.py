@@ -264,8 +264,11 @@ def test_perturbed_consensus_poses_are_recovered(rng):
     np.testing.assert_allclose(res.scores, again, rtol=1e-9, atol=1e-6)
 
 
-def test_search_never_leaves_its_extents(rng):
-    n, m = 48, 6
+@pytest.mark.parametrize(
+    "n", [pytest.param(48, id="even48"), pytest.param(49, id="odd49")]
+)
+def test_search_never_leaves_its_extents(n, rng):
+    m = 6
     projector, rot, orig, ctf, images_f, inv_sigma2 = _simulate(n, m, 2.0, rng)
     fulcrum = np.array([5.0, 0.0, -3.0])
     # the truth is 8 deg and 3 px away; the extents are 3 deg and 1 px

@@ -403,6 +403,20 @@ def local_search(
     inv_sigma2 = np.broadcast_to(
         np.asarray(inv_sigma2, dtype=np.float64), (m, n // 2 + 1)
     )
+    if m == 0:
+        k = int(top_k)
+        return SearchResult(
+            np.zeros((0, 3, 3)),
+            np.zeros((0, 2)),
+            np.zeros(0),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros((0, k, 3, 3)),
+            np.zeros((0, k, 2)),
+            np.zeros((0, k)),
+            np.zeros((0, k)),
+        )
     parts = []
     for start in range(0, m, batch_size):
         sl = slice(start, min(start + batch_size, m))
