@@ -14,6 +14,8 @@ Example usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -123,8 +125,11 @@ def load_workflow_template(values: dict[str, object], *, subtract: bool = True) 
     template = templates[0]
     template.replaceEnvVariables()
     template.parseContent()
-    for alias, value in values.items():
-        template.setParamValue(alias, str(value))
+    chatter = io.StringIO()  # pyworkflow prints each field it sets
+    with contextlib.redirect_stdout(chatter):
+        for alias, value in values.items():
+            template.setParamValue(alias, str(value))
+    log.debug("template fields: %s", chatter.getvalue().strip())
     for field in template.getParams().values():
         template.content[field.getIndex()] = str(field.getValue())
     protocols = json.loads("".join(template.content))
@@ -257,6 +262,7 @@ def run_demo_workflow(
     report = write_report_png(
         refine_dir, refine_dir / "report.png", input_star=input_star
     )
+    halves = list(refine.outputVolume.getHalfMaps(asList=True))
     return {
         "project_path": project.path,
         "status": refine.getStatus(),
@@ -269,12 +275,16 @@ def run_demo_workflow(
             read_summary(refine_dir / "summary.json")
         ),
         "outputs": {
-            "refined map": refine.outputVolume.getFileName(),
-            "half maps": ", ".join(refine.outputVolume.getHalfMaps(asList=True)),
-            "refined particles (Scipion)": refine.outputParticles.getFileName(),
-            "refined particles (STAR)": str(refine_dir / "particles.star"),
-            "FSC curves": str(refine_dir / "fsc.csv"),
-            "report": str(report),
+            label: os.path.abspath(os.path.join(project.path, path))
+            for label, path in (
+                ("refined map", refine.outputVolume.getFileName()),
+                ("half map 1", halves[0]),
+                ("half map 2", halves[1]),
+                ("refined particles (Scipion)", refine.outputParticles.getFileName()),
+                ("refined particles (STAR)", str(refine_dir / "particles.star")),
+                ("FSC curves", str(refine_dir / "fsc.csv")),
+                ("report", str(report)),
+            )
         },
     }
 
