@@ -241,7 +241,6 @@ def test_report_plot_image_is_written(tmp_path, rng):
     assert not list(tmp_path.glob("*.tmp.png"))
 
 
-@pytest.mark.slow
 def test_scipion_test_runner_finds_and_passes_the_plugin_tests(tmp_path):
     env = dict(os.environ)
     runner = [sys.executable, "-m", "pyworkflow.apps.pw_run_tests"]
@@ -262,9 +261,47 @@ def test_scipion_test_runner_finds_and_passes_the_plugin_tests(tmp_path):
     assert "PASSED" in text and "run 6 tests" in text, text[-3000:]
 
 
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (xvfb-run)")
-def test_local_refinement_form_opens_in_the_gui():
-    """Run under ``xvfb-run -a python -m pytest ...`` where no display exists."""
+@pytest.fixture
+def display(monkeypatch):
+    """An X display: the current one, or a private Xvfb started for the test."""
+    import shutil
+
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("no display and no Xvfb (apt-get install xvfb)")
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [
+            xvfb,
+            "-displayfd",
+            str(write_fd),
+            "-screen",
+            "0",
+            "1280x1024x24",
+            "-nolisten",
+            "tcp",
+        ],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        number = f.readline().strip()
+    try:
+        if not number:
+            pytest.skip("Xvfb did not start")
+        monkeypatch.setenv("DISPLAY", f":{number}")
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_local_refinement_form_opens_in_the_gui(display):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import pyworkflow.gui.project.viewprotocols  # noqa: F401  (import order of the GUI)
@@ -274,7 +311,10 @@ def test_local_refinement_form_opens_in_the_gui():
     from localrefine_plugin.protocols import ProtLocalRefine
 
     _domain()
-    project = Manager().createProject("localrefine_form_check")
+    manager = Manager()
+    if manager.hasProject("localrefine_form_check"):
+        manager.deleteProject("localrefine_form_check")
+    project = manager.createProject("localrefine_form_check")
     prot = project.newProtocol(ProtLocalRefine)
     window = FormWindow("local refinement", prot, lambda *a, **k: None)
     try:
