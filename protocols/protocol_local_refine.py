@@ -311,6 +311,11 @@ class ProtLocalRefine(ProtRefine3D):
         self._createFilenameTemplates()
         from localrefine_plugin import Plugin
 
+        if self.isContinued() and os.path.isdir(self._getFileName("output_dir")):
+            # Scipion's "Continue": resume from the engine's last checkpoint (kept
+            # out of the step arguments so a finished step is not rerun)
+            argsLine += " --continue"
+
         env = Plugin.getEnviron()
         if self._wantsGpu() and not self._cpuFallback():
             env["CUDA_VISIBLE_DEVICES"] = ",".join(parse_gpu_list(self.gpuList.get()))

@@ -54,7 +54,7 @@ pytestmark = pytest.mark.slow
 
 N_PARTICLES = 100
 BOX = 48
-APIX = 3.0
+APIX = 3.5  # box x pixel size holds the built-in model (>= 165 A)
 
 
 def _simulate(folder: Path):
@@ -318,7 +318,17 @@ class TestLocalRefineProtocols(BaseTest):
         self.assertTrue(2 * APIX <= resolution < 60.0, resolution)
         self.assertIn(f"{resolution:.2f} A", " ".join(prot.summary()))
         # the output is linked to its inputs in the project graph
-        self.assertTrue(prot.getObjId() > self.protMask.getObjId())
+        sources = {o.getObjId() for o in self.proj.getSourceParents(prot.outputVolume)}
+        for src in (parts_in, self.protVolume.outputVolume, self.protMask.outputMask):
+            self.assertIn(src.getObjId(), sources)
+        # Scipion's "Continue" resumes the engine's run (--continue), "Restart" does not
+        from pyworkflow.protocol.constants import MODE_RESTART, MODE_RESUME
+
+        for mode, expected in ((MODE_RESUME, True), (MODE_RESTART, False)):
+            prot.runMode.set(mode)
+            with mock.patch.object(prot, "runJob") as run_job:
+                prot.refineStep(prot._getArgsLine())
+            self.assertEqual("--continue" in run_job.call_args.args[1], expected)
 
     # --------------------------------------------------------- validation --
     def _refineProt(self, **kwargs):
