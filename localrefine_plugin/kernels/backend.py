@@ -22,6 +22,8 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 __all__ = [
     "DEVICES",
     "KERNEL_DIR",
@@ -31,6 +33,7 @@ __all__ = [
     "load_kernels",
     "batch_size_for",
     "device_name",
+    "to_device",
     "zeros",
 ]
 
@@ -180,6 +183,19 @@ def load_kernels(filename: str):
             _state["modules"][filename] = module
             log.debug("compiled %s", filename)
         return module
+
+
+def to_device(array, dtype):
+    """Upload ``array`` as a C-contiguous GPUArray of ``dtype``.
+
+    PyCUDA copies the host buffer as it lies in memory and keeps its strides, but
+    the kernels index C order: NumPy results can be F-ordered (fancy indexing of
+    broadcast views, ``astype`` keeps the layout), so every upload goes through here.
+    """
+    from pycuda import gpuarray
+
+    ensure_context()
+    return gpuarray.to_gpu(np.ascontiguousarray(array, dtype=dtype))
 
 
 def zeros(shape, dtype):

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from ..engine.backprojector import BackProjector
-from .backend import batch_size_for, load_kernels, select_device, zeros
+from .backend import batch_size_for, load_kernels, select_device, to_device, zeros
 
 __all__ = ["CudaBackProjector", "insert"]
 
@@ -129,8 +129,6 @@ class CudaBackProjector(BackProjector):
         ctf : ndarray, shape (m, N, N//2+1) or (N, N//2+1), optional
         weights : ndarray, shape (m,), optional
         """
-        from pycuda import gpuarray
-
         f_images = np.asarray(f_images)
         if f_images.ndim == 2:
             f_images = f_images[None]
@@ -157,14 +155,10 @@ class CudaBackProjector(BackProjector):
         for start in range(0, m, batch):
             sl = slice(start, min(start + batch, m))
             b = sl.stop - sl.start
-            f_g = gpuarray.to_gpu(
-                np.ascontiguousarray(f_images[sl], dtype=np.complex64)
-            )
-            c_g = (
-                None if ctf is None else gpuarray.to_gpu(np.ascontiguousarray(ctf[sl]))
-            )
-            w_g = None if weights is None else gpuarray.to_gpu(weights[sl])
-            rot_g = gpuarray.to_gpu(rotations[sl].reshape(b, 9).astype(np.float32))
+            f_g = to_device(f_images[sl], np.complex64)
+            c_g = None if ctf is None else to_device(ctf[sl], np.float32)
+            w_g = None if weights is None else to_device(weights[sl], np.float32)
+            rot_g = to_device(rotations[sl].reshape(b, 9), np.float32)
             kernel(
                 f_g, np.intp(0) if c_g is None else c_g, np.intp(0) if w_g is None else w_g,
                 rot_g, np.int32(b), kx_g, ky_g, src_g, np.int32(npix), np.int32(stride),
@@ -175,14 +169,12 @@ class CudaBackProjector(BackProjector):
 
     def _pixel_table(self):
         """The engine's insertion pixels (``kx^2 + ky^2 <= r_max^2``) on the GPU."""
-        from pycuda import gpuarray
-
         table = getattr(self, "_pixels_g", None)
         if table is None:
             table = (
-                gpuarray.to_gpu(self._kx.astype(np.float32)),
-                gpuarray.to_gpu(self._ky.astype(np.float32)),
-                gpuarray.to_gpu(self._flat.astype(np.int32)),
+                to_device(self._kx, np.float32),
+                to_device(self._ky, np.float32),
+                to_device(self._flat, np.int32),
                 int(self._flat.size),
             )
             self._pixels_g = table

@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 
 from ..engine.projector import FourierProjector, _pixels_within
-from .backend import batch_size_for, load_kernels, select_device, zeros
+from .backend import batch_size_for, load_kernels, select_device, to_device, zeros
 
 __all__ = ["CudaProjector", "project", "device_volume", "device_pixels"]
 
@@ -38,13 +38,12 @@ def device_volume(projector: FourierProjector):
     The upload is cached while ``projector`` lives (keyed by its identity; its
     ``data`` is read-only, so the copy cannot go stale).
     """
-    from pycuda import gpuarray
 
     key = id(projector)
     vol = _volumes.get(key)
     if vol is None:
         load_kernels("projector.cu")  # makes the context current
-        vol = gpuarray.to_gpu(np.ascontiguousarray(projector.data, dtype=np.complex64))
+        vol = to_device(projector.data, np.complex64)
         _volumes[key] = vol
         weakref.finalize(projector, _volumes.pop, key, None)
     return vol
@@ -57,16 +56,15 @@ def device_pixels(n: int, r_max_px: float) -> tuple:
     int32 flat indices into the (N, N//2+1) layout, and the pixel count. The
     set is the engine's (``projector._pixels_within``): ``kx^2 + ky^2 <= r^2``.
     """
-    from pycuda import gpuarray
 
     key = (int(n), float(r_max_px))
     hit = _pixels.get(key)
     if hit is None:
         flat, kx, ky = _pixels_within(n, r_max_px)
         hit = (
-            gpuarray.to_gpu(kx.astype(np.float32)),
-            gpuarray.to_gpu(ky.astype(np.float32)),
-            gpuarray.to_gpu(flat.astype(np.int32)),
+            to_device(kx, np.float32),
+            to_device(ky, np.float32),
+            to_device(flat, np.int32),
             int(flat.size),
         )
         _pixels[key] = hit
@@ -107,7 +105,6 @@ def _project_cuda(
     ndarray, shape (m, N, N//2+1) (or (N, N//2+1)), ``projector.dtype``
         Computed in float32 on the GPU.
     """
-    from pycuda import gpuarray
 
     rotations = np.asarray(rotations, dtype=np.float64)
     single = rotations.ndim == 2
@@ -122,7 +119,7 @@ def _project_cuda(
     batch = batch_size_for(stride * 8 + 36, fixed_bytes=0, cap=65535)
     for start in range(0, m, batch):
         stop = min(start + batch, m)
-        rot_g = gpuarray.to_gpu(rot[start:stop])
+        rot_g = to_device(rot[start:stop], np.float32)
         out_g = zeros((stop - start, stride), np.complex64)
         grid = ((npix + _THREADS - 1) // _THREADS, stop - start)
         kernel(

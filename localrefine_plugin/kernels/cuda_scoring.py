@@ -26,7 +26,7 @@ import numpy as np
 
 from ..engine.scoring import half_plane_pixels
 from ..engine.scoring import score_poses as _engine_score_poses
-from .backend import batch_size_for, load_kernels, select_device
+from .backend import batch_size_for, load_kernels, select_device, to_device
 from .cuda_projector import device_volume
 
 __all__ = ["score_poses", "get_score_fn", "fold_weights", "flop_count", "byte_count"]
@@ -72,7 +72,6 @@ def byte_count(
 
 def _pixels(n: int, r_max_px: float) -> tuple:
     """Pixel table of ``scoring.half_plane_pixels`` on the GPU (cached per n, r)."""
-    from pycuda import gpuarray
 
     key = (int(n), float(r_max_px))
     hit = _pixel_cache.get(key)
@@ -80,8 +79,8 @@ def _pixels(n: int, r_max_px: float) -> tuple:
         flat, kx, ky, mult, shell = half_plane_pixels(n, float(r_max_px))
         hit = (
             flat, mult, shell,
-            gpuarray.to_gpu(kx.astype(np.float32)),
-            gpuarray.to_gpu(ky.astype(np.float32)),
+            to_device(kx, np.float32),
+            to_device(ky, np.float32),
         )  # fmt: skip
         _pixel_cache[key] = hit
     return hit
@@ -117,8 +116,8 @@ def fold_weights(
     x = images_f.reshape(b, -1)[:, flat]  # (b, P)
     c = ctf.reshape(b, -1)[:, flat].astype(np.float64)  # (b, P)
     w = mult[None, :] * inv_sigma2[:, shell]  # (b, P)
-    w1 = (0.5 * w * c * c).astype(np.float32)
-    y = (w * c * np.conj(x)).astype(np.complex64)
+    w1 = np.ascontiguousarray(0.5 * w * c * c, dtype=np.float32)
+    y = np.ascontiguousarray(w * c * np.conj(x), dtype=np.complex64)
     return w1, y
 
 
@@ -255,14 +254,12 @@ class _ScoreLaunch:
         flat, mult, shell, self.kx_g, self.ky_g = _pixels(n, r_max_px)
         self.npix = flat.size
         w1, y = fold_weights(images_f, ctf, inv_sigma2, flat, mult, shell)
-        self.y_g = gpuarray.to_gpu(y)
-        self.w1_g = gpuarray.to_gpu(w1)
-        self.sh_g = gpuarray.to_gpu(np.ascontiguousarray(shifts_px, dtype=np.float32))
+        self.y_g = to_device(y, np.complex64)
+        self.w1_g = to_device(w1, np.float32)
+        self.sh_g = to_device(shifts_px, np.float32)
         self.z_g = gpuarray.empty((b, self.n_shift, self.npix), dtype=np.complex64)
-        self.rot_g = gpuarray.to_gpu(
-            rotations.reshape(b, self.n_rot, 9).astype(np.float32)
-        )
-        self.rs_g = None if rs is None else gpuarray.to_gpu(rs.astype(np.float32))
+        self.rot_g = to_device(rotations.reshape(b, self.n_rot, 9), np.float32)
+        self.rs_g = None if rs is None else to_device(rs, np.float32)
         self.out_g = gpuarray.empty((b, self.n_rot, self.n_shift), dtype=np.float32)
 
     def phase_table(self) -> None:
