@@ -181,3 +181,33 @@ def test_bad_inputs_raise_value_error(rng):
             origins[:, None],
             r_max_px=8,
         )
+
+
+def test_noise_part_of_the_true_pose_score_has_mean_minus_half_h_and_variance_h(rng):
+    """The normalisation the search's Gaussian bound relies on (noise.py's sigma2).
+
+    With ``X = c P + n``, white real-space noise of variance ``s^2`` (sigma2 =
+    ``N^2 s^2``), the true pose scores ``-0.5 H - Re<u, n>`` with
+    ``H = sum w c^2 |P|^2 / sigma2`` and ``Var Re<u, n> = H``.
+    """
+    n, trials, s = 32, 400, 0.8
+    projector = FourierProjector(blob_map(n))
+    rot = _random_rotations(rng, (1,))
+    ctf = ctf_2d(CtfParams(15000.0, 14000.0, 20.0), n, 2.0)[None]
+    clean = fourier_to_image(forward_model(projector, rot, ctf=ctf), n)
+    inv_sigma2 = np.full((1, n // 2 + 1), 1.0 / (n * n * s * s))
+    h = weighted_projection_power(projector, ctf, inv_sigma2, rot, r_max_px=12)[0].sum()
+    scores = np.empty(trials)
+    for t in range(trials):
+        noisy = clean + rng.normal(0, s, clean.shape)
+        scores[t] = score_poses(
+            projector,
+            image_to_fourier(noisy),
+            ctf,
+            inv_sigma2,
+            rot[:, None],
+            np.zeros((1, 1, 2)),
+            r_max_px=12,
+        )[0, 0, 0]
+    assert abs(scores.mean() + 0.5 * h) < 4 * np.sqrt(h / trials)
+    assert scores.var(ddof=1) / h == pytest.approx(1.0, abs=0.3)
