@@ -321,6 +321,7 @@ class TestLocalRefineProtocols(BaseTest):
         sources = {o.getObjId() for o in self.proj.getSourceParents(prot.outputVolume)}
         for src in (parts_in, self.protVolume.outputVolume, self.protMask.outputMask):
             self.assertIn(src.getObjId(), sources)
+        self._check_viewer(prot)
         # Scipion's "Continue" resumes the engine's run (--continue), "Restart" does not
         from pyworkflow.protocol.constants import MODE_RESTART, MODE_RESUME
 
@@ -329,6 +330,26 @@ class TestLocalRefineProtocols(BaseTest):
             with mock.patch.object(prot, "runJob") as run_job:
                 prot.refineStep(prot._getArgsLine())
             self.assertEqual("--continue" in run_job.call_args.args[1], expected)
+
+    def _check_viewer(self, prot):
+        """Every entry of the viewer gives its plots (headless) or the map views."""
+        from pyworkflow.gui.plotter import Plotter
+
+        from localrefine_plugin.viewers import LocalRefineViewer
+
+        Plotter.setBackend("Agg")
+        viewer = LocalRefineViewer(project=self.proj, protocol=prot)
+        views = {k: f() for k, f in viewer._getVisualizeDict().items()}
+        fsc_axes = views["showFsc"][0].getFigure().axes
+        self.assertEqual(len(fsc_axes[0].lines), 4)  # three curves and the 0.143 line
+        self.assertEqual(len(views["showResolution"][0].getFigure().axes[0].lines), 1)
+        rot_ax, shift_ax = views["showPoseChanges"][0].getFigure().axes
+        heights = [p.get_height() for p in rot_ax.patches]
+        self.assertEqual(sum(heights), N_PARTICLES)
+        self.assertEqual(len(views["showMap"]), 3)  # map and two half maps
+        for view in views.values():
+            if hasattr(view[0], "close"):
+                view[0].close()
 
     # --------------------------------------------------------- validation --
     def _refineProt(self, **kwargs):
