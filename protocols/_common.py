@@ -81,7 +81,10 @@ def same_pixel_size(a: float, b: float) -> bool:
 def check_volume_against(
     name: str, vol, *, box: int, pixel_size_a: float, against: str
 ) -> list[str]:
-    """Errors when ``vol`` (a Scipion volume) has another box or pixel size."""
+    """Errors when ``vol`` (a Scipion volume) has another box or pixel size.
+
+    ``box`` 0 (unknown) skips the box check.
+    """
     errors = []
     if not same_pixel_size(vol.getSamplingRate(), pixel_size_a):
         errors.append(
@@ -89,7 +92,7 @@ def check_volume_against(
             f"{against} pixel size {pixel_size_a:.4f} A; resample one of them."
         )
     dim = vol.getXDim()
-    if dim is not None and int(dim) != int(box):
+    if dim is not None and box and int(dim) != int(box):
         errors.append(
             f"{name} box {dim} px differs from the {against} box {box} px; "
             "resize (crop or pad) one of them."
