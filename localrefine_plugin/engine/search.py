@@ -52,7 +52,8 @@ cell with an upper bound ``U`` of the best full score:
     true pose's ``-0.5 H - Re<u, n>``, and ``Re<u, n>`` has variance ``H``
     (normalisation of :mod:`.noise`); bound ``-0.5 H - gamma sqrt(H)``,
     ``gamma = bound_sigmas``. It holds with probability about ``Phi(gamma)``
-    per candidate if the noise model is right (heuristic: trusts sigma^2).
+    per candidate if the noise model is right (heuristic: trusts sigma^2,
+    and the reference's scale: the truth's band power is taken to be ``H``).
   - ``bound="cauchy_schwarz"``: ``Re<u, x> <= sqrt(H X_h)`` with ``X_h`` the
     image's weighted band power gives ``0.5 H - sqrt(H X_h)``: rigorous given
     ``H``, but loose at low SNR, so it prunes little.
