@@ -81,6 +81,27 @@ class TestScipionDiscovery(unittest.TestCase):
     def test_protocols_conf_names_exactly_the_discovered_protocols(self):
         self.assertEqual(_conf_protocols(), PROTOCOLS)
 
+    def test_gui_protocol_tree_shows_every_protocol(self):
+        domain = _domain()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import pyworkflow.gui.project.viewprotocols  # noqa: F401  (GUI import order)
+            from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
+
+        menus = ProtocolTreeConfig.load(domain, pw.Config.SCIPION_PROTOCOLS)
+        shown = {}
+
+        def walk(node, path):
+            for child in node.childs:
+                where = f"{path}/{child.text}"
+                if child.value in PROTOCOLS and child.visible:
+                    shown[child.value] = where
+                walk(child, where)
+
+        walk(menus["Protocols SPA"], "")
+        self.assertEqual(set(shown), PROTOCOLS)
+        self.assertTrue(shown["ProtLocalRefine"].startswith("/3D/Refine"))
+
     def test_plugin_class_name_path_version_bibtex_and_logo(self):
         _domain()
         plugin = localrefine_plugin._pluginInstance
@@ -258,7 +279,7 @@ def test_scipion_test_runner_finds_and_passes_the_plugin_tests(tmp_path):
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
-    assert "PASSED" in text and "run 6 tests" in text, text[-3000:]
+    assert "PASSED" in text and "run 7 tests" in text, text[-3000:]
 
 
 @pytest.fixture
