@@ -256,20 +256,25 @@ def _prior(length: np.ndarray, sigma: float | None) -> np.ndarray:
     return 0.5 * (length / float(sigma)) ** 2
 
 
-def _keep(bound: np.ndarray, limit: float, forced: int, cap: int | None) -> np.ndarray:
-    """Indices with ``bound <= limit`` (always ``forced``), at most ``cap`` lowest."""
+def _keep(
+    bound: np.ndarray, limit: float, forced: int, cap: int | None
+) -> tuple[np.ndarray, bool]:
+    """Indices with ``bound <= limit`` (always ``forced``), at most ``cap`` lowest.
+
+    Returns the sorted indices and whether the cap removed some.
+    """
     keep = np.flatnonzero(bound <= limit)
     if forced not in keep:
         keep = np.append(keep, forced)
-    if cap is not None and keep.size > cap:
+    capped = cap is not None and keep.size > cap
+    if capped:
         order = np.argsort(bound[keep], kind="stable")
         keep = (
             np.union1d(keep[order[: cap - 1]], [forced])
             if cap > 1
             else np.array([forced])
         )
-        log.debug("cell cap %d reached", cap)
-    return np.sort(keep)
+    return np.sort(keep), capped
 
 
 def local_search(
@@ -519,13 +524,24 @@ def _upper_and_high_band(projector, x, ctf, inv_sigma2, o_cons, sc, radius, cfg)
 
 def _kept(lower, upper, sc, rot_cells, shift_cells, caps):
     """Per particle: indices of the rotation and shift cells that may hold the best."""
-    out = []
+    out, capped = [], [0, 0]
     for i in range(lower.shape[0]):
         nj, ns = rot_cells[i].shape[0], shift_cells[i].shape[0]
         lb = lower[i, :nj, :ns]
-        kj = _keep(lb.min(axis=1), upper[i], int(sc.jb[i]), caps[0])
-        ks = _keep(lb.min(axis=0), upper[i], int(sc.sb[i]), caps[1])
+        kj, cj = _keep(lb.min(axis=1), upper[i], int(sc.jb[i]), caps[0])
+        ks, cs = _keep(lb.min(axis=0), upper[i], int(sc.sb[i]), caps[1])
         out.append((kj, ks))
+        capped[0] += cj
+        capped[1] += cs
+    if any(capped):
+        log.debug(
+            "cell caps (%s rotations, %s shifts) bit for %d and %d of %d particles",
+            caps[0],
+            caps[1],
+            capped[0],
+            capped[1],
+            lower.shape[0],
+        )
     return out
 
 
