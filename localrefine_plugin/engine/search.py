@@ -268,12 +268,10 @@ def _keep(
         keep = np.append(keep, forced)
     capped = cap is not None and keep.size > cap
     if capped:
-        order = np.argsort(bound[keep], kind="stable")
-        keep = (
-            np.union1d(keep[order[: cap - 1]], [forced])
-            if cap > 1
-            else np.array([forced])
-        )
+        best = keep[np.argsort(bound[keep], kind="stable")[:cap]]
+        if forced not in best:
+            best[-1] = forced
+        keep = best
     return np.sort(keep), capped
 
 
