@@ -154,42 +154,47 @@ class BackProjector:
         rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
         if rotations.shape[0] != m:
             raise ValueError(f"{m} images but {rotations.shape[0]} rotations")
-        f = f_images.reshape(m, -1)[:, self._flat].astype(np.complex128)  # (m, P)
-        if ctf is None:
-            ctf2 = np.ones(f.shape, dtype=np.float64)
-        else:
+        f = f_images.reshape(m, -1)[:, self._flat]  # (m, P)
+        fr = f.real.astype(np.float64)
+        fi = f.imag.astype(np.float64)
+        ctf2 = None  # None means 1
+        if ctf is not None:
             c = np.broadcast_to(np.asarray(ctf, dtype=np.float64), (m, n, n // 2 + 1))
             c = c.reshape(m, -1)[:, self._flat]
-            f = f * c
+            fr *= c
+            fi *= c
             ctf2 = c * c
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64).reshape(m, 1)
-            f = f * w
-            ctf2 = ctf2 * w
+            fr *= w
+            fi *= w
+            ctf2 = np.broadcast_to(w, (m, fr.shape[1])) if ctf2 is None else ctf2 * w
         q = self.padding * slice_coordinates(rotations, self._kx, self._ky)  # (m, P, 3)
         index, tri, conj = trilinear_corners(q, self.c, self.shape)
-        f = np.where(conj, np.conj(f), f)
+        np.negative(fi, out=fi, where=conj)  # Friedel mate: conj(F) at -q
         size = self.weight.size
         flat_index = index.reshape(-1)
-        tri = tri.reshape(8, -1)
-        wf = tri * f.reshape(1, -1)  # (8, m P)
-        # accumulate real and imaginary parts in place (no complex temporaries)
+        tri = tri.reshape(8, -1)  # (8, m P)
+        # one weight array per accumulator: real part, imaginary part, CTF^2
+        w_re = (tri * fr.reshape(1, -1)).reshape(-1)
+        w_im = (tri * fi.reshape(1, -1)).reshape(-1)
+        w_ctf2 = (
+            tri.reshape(-1) if ctf2 is None else (tri * ctf2.reshape(1, -1)).reshape(-1)
+        )
         parts = self.data.reshape(-1).view(np.float64)  # (2 size,) re, im, re, ...
-        wdata = (wf.real.reshape(-1), wf.imag.reshape(-1))
-        wweight = (tri * ctf2.reshape(1, -1)).reshape(-1)
         if flat_index.size >= size:
             # many entries per voxel: one pass with bincount
-            parts[0::2] += np.bincount(flat_index, weights=wdata[0], minlength=size)
-            parts[1::2] += np.bincount(flat_index, weights=wdata[1], minlength=size)
+            parts[0::2] += np.bincount(flat_index, weights=w_re, minlength=size)
+            parts[1::2] += np.bincount(flat_index, weights=w_im, minlength=size)
             self.weight.reshape(-1)[:] += np.bincount(
-                flat_index, weights=wweight, minlength=size
+                flat_index, weights=w_ctf2, minlength=size
             )
         else:
             # few entries (large box, small batch): bincount's full-length
             # output dominates; numpy >= 1.25's ufunc.at fast path is cheaper
-            np.add.at(parts, 2 * flat_index, wdata[0])
-            np.add.at(parts, 2 * flat_index + 1, wdata[1])
-            np.add.at(self.weight.reshape(-1), flat_index, wweight)
+            np.add.at(parts, 2 * flat_index, w_re)
+            np.add.at(parts, 2 * flat_index + 1, w_im)
+            np.add.at(self.weight.reshape(-1), flat_index, w_ctf2)
         self.n_inserted += m
 
     def add(self, other: BackProjector) -> None:

@@ -12,14 +12,15 @@ Conventions (``docs/conventions.md``)
 
 Padded Fourier volume layout (mirrored by the GPU kernels)
 ----------------------------------------------------------
-``FourierProjector.data`` is a complex64 array of shape
-``(2 c + 2, 2 c + 2, c + 2)`` with ``c = padding * r_max_px``. Element
+``FourierProjector.data`` is a complex64 array (complex128 for a float64
+map) of shape ``(2 c + 2, 2 c + 2, c + 2)`` with
+``c = ceil(padding * r_max_px)``. Element
 ``data[z + c, y + c, x]`` holds the transform of the zero-padded map (box
 ``padding * N``) at the padded integer frequency ``(x, y, z)``, for
 ``x = 0 .. c`` and ``y, z = -c .. c``; the last index on every axis
 (``2 c + 1`` or ``c + 1``) is a zero guard so that the ``+1`` neighbour of
 trilinear interpolation never leaves the array. Coefficients beyond radius
-``c`` are zero. Points with ``x < 0`` are read as the complex conjugate at
+``padding * r_max_px`` are zero. Points with ``x < 0`` are read as the complex conjugate at
 ``-q`` (Friedel symmetry of a real map).
 
 A padded-grid frequency ``q`` is ``padding`` times the unpadded frequency
@@ -152,45 +153,25 @@ def trilinear_corners(
         complex conjugate there.
     """
     conj = q[..., 0] < 0
-    q = np.where(conj[..., None], -q, q)
+    q = q * np.where(conj, -1.0, 1.0)[..., None]  # mirror x < 0 to -q
     fl = np.floor(q)
     f = q - fl  # fractional parts, (..., 3)
     i0 = fl.astype(np.int64)
-    ix = i0[..., 0]
-    iy = i0[..., 1] + c
-    iz = i0[..., 2] + c
     # guard against |q| slightly above c from rounding: clip into the array
-    ix = np.clip(ix, 0, shape[2] - 2)
-    iy = np.clip(iy, 0, shape[1] - 2)
-    iz = np.clip(iz, 0, shape[0] - 2)
+    ix = np.clip(i0[..., 0], 0, shape[2] - 2)
+    iy = np.clip(i0[..., 1] + c, 0, shape[1] - 2)
+    iz = np.clip(i0[..., 2] + c, 0, shape[0] - 2)
     sy, sz = shape[2], shape[1] * shape[2]
     base = iz * sz + iy * sy + ix
+    # corner j = 4 bz + 2 by + bx sits at base + bz sz + by sy + bx
+    offsets = np.array([0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1])
+    index = base[None] + offsets.reshape((8,) + (1,) * base.ndim)  # (8, ...)
     fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
-    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-    index = np.stack(
-        [
-            base,
-            base + 1,
-            base + sy,
-            base + sy + 1,
-            base + sz,
-            base + sz + 1,
-            base + sz + sy,
-            base + sz + sy + 1,
-        ]
-    )
-    weight = np.stack(
-        [
-            gz * gy * gx,
-            gz * gy * fx,
-            gz * fy * gx,
-            gz * fy * fx,
-            fz * gy * gx,
-            fz * gy * fx,
-            fz * fy * gx,
-            fz * fy * fx,
-        ]
-    )
+    wx = np.stack([1.0 - fx, fx])  # (2, ...)
+    wy = np.stack([1.0 - fy, fy])
+    wz = np.stack([1.0 - fz, fz])
+    wzy = (wz[:, None] * wy[None, :]).reshape((4,) + base.shape)  # (4, ...)
+    weight = (wzy[:, None] * wx[None, :]).reshape((8,) + base.shape)  # (8, ...)
     return index, weight, conj
 
 
@@ -291,7 +272,8 @@ class FourierProjector:
         ndarray, shape (...), complex64 (complex128 for a float64 map)
         """
         q = np.asarray(freqs, dtype=np.float64) * self.padding
-        outside = np.einsum("...i,...i->...", q, q) > float(self.c) ** 2
+        limit2 = (self.padding * self.r_max_px) ** 2 * (1 + 1e-9)  # rounding slack
+        outside = np.einsum("...i,...i->...", q, q) > limit2
         q = np.where(outside[..., None], 0.0, q)
         index, weight, conj = trilinear_corners(q, self.c, self.data.shape)
         flat = self.data.reshape(-1)
