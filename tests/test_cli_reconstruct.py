@@ -121,3 +121,25 @@ def test_bad_batch_size_exits_2(dataset, tmp_path, capsys):
     )  # fmt: skip
     assert rc == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+# -- engine/reconstruct.py on the same data -----------------------------------------
+def test_top_k_poses_with_split_weights_equal_the_single_pose(dataset):
+    from localrefine_plugin.engine.particles import read_particles
+    from localrefine_plugin.engine.reconstruct import reconstruct_particles
+
+    folder, _ = dataset
+    particles = read_particles(folder / "particles.star")
+    idx = np.arange(0, M, 7)
+    single = reconstruct_particles(particles, indices=idx, batch_size=40)
+    rot = np.repeat(particles.matrices()[:, None], 2, axis=1)  # (n, 2, 3, 3)
+    orig = np.repeat(particles.origin_px[:, None], 2, axis=1)  # (n, 2, 2)
+    weights = np.full((M, 2), 0.5)
+    split = reconstruct_particles(
+        particles, indices=idx, batch_size=40, top_k_poses=(rot, orig, weights)
+    )
+    assert single[0].n_inserted + single[1].n_inserted == idx.size
+    assert single[0].n_inserted == int((particles.random_subset[idx] == 1).sum())
+    for a, b in zip(single, split, strict=True):
+        np.testing.assert_allclose(b.data, a.data, atol=1e-9 * np.abs(a.data).max())
+        np.testing.assert_allclose(b.weight, a.weight, atol=1e-9 * a.weight.max())
