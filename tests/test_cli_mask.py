@@ -10,7 +10,8 @@ import pytest
 
 from localrefine_plugin.cli import entry_point
 from localrefine_plugin.engine.mrc_io import read_map, write_map
-from tests.conftest import blob_map
+
+from .conftest import blob_map
 
 
 def _ball_function(n: int, radius_px: float) -> np.ndarray:

@@ -18,7 +18,8 @@ from localrefine_plugin.engine.fsc import (
     write_fsc_csv,
 )
 from localrefine_plugin.engine.masks import create_soft_mask
-from tests.conftest import blob_map
+
+from .conftest import blob_map
 
 
 @pytest.mark.parametrize("n", [32, 33], ids=["even", "odd"])

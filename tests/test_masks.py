@@ -14,7 +14,8 @@ from localrefine_plugin.engine.masks import (
     create_soft_mask,
     default_threshold,
 )
-from tests.conftest import blob_map
+
+from .conftest import blob_map
 
 
 def _ball_function(n: int, radius_px: float, centre=(0, 0, 0)) -> np.ndarray:

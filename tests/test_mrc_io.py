@@ -18,7 +18,8 @@ from localrefine_plugin.engine.mrc_io import (
     write_map,
     write_stack,
 )
-from tests.conftest import blob_map
+
+from .conftest import blob_map
 
 
 def _only_file(folder) -> list[str]:
