@@ -12,8 +12,10 @@ Algorithm (cryoSPARC's published local refinement; ``docs/local_refinement.md``)
    reconstruct the halves at the new poses, compute their masked, corrected
    FSC; the resolution at 0.143 sets the next Fourier radius; sigma^2 per
    optics group is re-estimated; the dynamic mask (optional) is recomputed.
-4. Stop when the resolution has not improved for 2 iterations or after
-   ``max_iterations``; then one final pass aligns to Nyquist.
+4. Stop when the resolution has not improved for 2 iterations, when the
+   poses no longer change (median change 0), or after ``max_iterations``; then
+   one final pass aligns to Nyquist (skipped when the last iteration already
+   did: its FSC never fell below 0.143 before Nyquist).
 5. Write the outputs atomically (:mod:`.refine_outputs`), ``summary.json`` last.
 
 Every completed iteration is saved (:mod:`.checkpoint`); ``continue_run``
@@ -274,22 +276,26 @@ class _Run:
         ckpt = self._resume() if continue_run else None
         if ckpt is None:
             ckpt = self._initial()
-        opt = self.options
         while ckpt.state["phase"] != "done":
             final = ckpt.state["phase"] == "final"
             ckpt = self._iteration(ckpt, final=final)
             if final:
                 ckpt.state["phase"] = "done"
-            elif (
-                ckpt.iteration >= opt.max_iterations
-                or ckpt.state["stalled"] >= PATIENCE
-            ):
-                reason = f"no better resolution for {PATIENCE} iterations"
-                if ckpt.iteration >= opt.max_iterations:
-                    reason = "max_iterations reached"
-                log.info("converged (%s); final pass at full resolution", reason)
-                ckpt.state["phase"] = "final"
-                ckpt.state["r_max_px"] = float(self.inputs.box // 2)
+            else:
+                reason = self._converged(ckpt)
+                if reason:
+                    last = ckpt.state["history"][-1]
+                    if last["alignment_radius_px"] >= self.inputs.box // 2:
+                        # this iteration already aligned to Nyquist: it is the final pass
+                        log.info("converged (%s) at full resolution", reason)
+                        last["final"] = True
+                        ckpt.state["phase"] = "done"
+                    else:
+                        log.info(
+                            "converged (%s); final pass at full resolution", reason
+                        )
+                        ckpt.state["phase"] = "final"
+                        ckpt.state["r_max_px"] = float(self.inputs.box // 2)
             ckpt.state["wall_seconds"] += time.monotonic() - self.started
             self.started = time.monotonic()
             save_checkpoint(self.output_dir, ckpt)
@@ -308,6 +314,21 @@ class _Run:
                         complete=False,
                     )
         return self._finish(ckpt)
+
+    def _converged(self, ckpt: Checkpoint) -> str | None:
+        """Why iterating should stop after ``ckpt``, or None to go on."""
+        last = ckpt.state["history"][-1]
+        if ckpt.iteration >= self.options.max_iterations:
+            return "max_iterations reached"
+        if ckpt.state["stalled"] >= PATIENCE:
+            return f"no better resolution for {PATIENCE} iterations"
+        if (
+            ckpt.iteration > 1
+            and last["median_rotation_change_deg"] < 1e-6
+            and last["median_shift_change_a"] < 1e-6
+        ):
+            return "poses unchanged"
+        return None
 
     def _iteration(self, prev: Checkpoint, *, final: bool) -> Checkpoint:
         inp, opt = self.inputs, self.options
@@ -403,7 +424,11 @@ class _Run:
             sigma2=sigma2,
             mask=mask,
             state=state,
-            arrays={"full_map": full, "fsc_mask": prev.mask, "raw_halves": rec.raw_halves},
+            arrays={
+                "full_map": full,
+                "fsc_mask": prev.mask,
+                "raw_halves": rec.raw_halves,
+            },
         )
 
     def _with_poses(self, rotations: np.ndarray, origins_px: np.ndarray):
