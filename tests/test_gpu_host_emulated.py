@@ -57,7 +57,7 @@ static std::barrier<>* emu_barrier;
 static float emu_shfl[1024];
 #define __global__
 #define __shared__ static
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __forceinline__ inline
 #define __host__
 #define __device__
@@ -105,7 +105,7 @@ static void emu_launch(emu_dim3 grid, emu_dim3 block, const std::function<void()
 """
 
 _SIG = re.compile(
-    r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(([^)]*)\)', re.S
+    r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(([^)]*)\)', re.S
 )
 _CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
 _BUILD = Path(tempfile.mkdtemp(prefix="lr_kernel_emu_"))
@@ -296,6 +296,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "project_slices",
         "phase_table",
         "score_tiles",
+        "score_tiles_s64",
         "backproject_f32",
         "backproject_f64",
     }
@@ -328,11 +329,16 @@ def test_host_code_projects_like_the_engine(fake_pycuda, rng, n):
     assert len(fake_pycuda["modules"]["projector.cu"].launches) >= 2
 
 
-@pytest.mark.parametrize("with_rotation_shifts", [False, True])
-def test_host_code_scores_like_the_engine(fake_pycuda, rng, with_rotation_shifts):
+@pytest.mark.parametrize(
+    ("with_rotation_shifts", "n_shift"),
+    [(False, 33), (True, 33), (True, 20), (False, 70)],
+)
+def test_host_code_scores_like_the_engine(
+    fake_pycuda, rng, with_rotation_shifts, n_shift
+):
     from localrefine_plugin.kernels.cuda_scoring import score_poses as gpu_score
 
-    n, m, n_rot, n_shift = 24, 7, 35, 33
+    n, m, n_rot = 24, 7, 35
     proj = FourierProjector(blob_map(n, seed=1))
     a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
     d = rng.uniform(8000, 20000, m)

@@ -8,10 +8,11 @@ The score of every (rotation, shift) pair of every particle is
 (``w`` the Hermitian multiplicity, formulas in ``engine/scoring.py`` and
 ``scoring.cu``). The host folds the CTF, the multiplicity and ``1/sigma2``
 into per-pixel weights (``w1``, ``Y``), kernel ``phase_table`` builds the
-``Z`` tables of all shifts on the GPU, and kernel ``score_tiles`` interpolates
-the slices of 32 rotations x 32 pixels into shared memory and multiplies them
-with the ``Z`` tile (a complex matrix product), all particles of a batch in
-one launch. The branch-and-bound stages of :func:`.engine.search.local_search`
+``Z`` tables of all shifts on the GPU, and kernel ``score_tiles`` (32 shifts
+per block) or ``score_tiles_s64`` (64, used when S > 32) interpolates the
+slices of 32 rotations x 32 pixels into shared memory and multiplies them with
+the ``Z`` tile (a complex matrix product), all particles of a batch in one
+launch. The branch-and-bound stages of :func:`.engine.search.local_search`
 call this function on each stage's candidate set (``score_fn=``).
 
 Entry points with one signature: ``_score_host`` (NumPy engine),
@@ -33,7 +34,9 @@ __all__ = ["score_poses", "get_score_fn", "fold_weights", "flop_count", "byte_co
 
 log = logging.getLogger(__name__)
 
-_TILE = 32  # rotations, shifts and pixels per tile (LR_TJ, LR_TS, LR_TP)
+_TILE = 32  # rotations and pixels per tile (LR_TJ, LR_TP in scoring.cu)
+#: shifts per tile: kernel name by tile width (chosen from S, see _ScoreLaunch)
+_SHIFT_TILES = {32: "score_tiles", 64: "score_tiles_s64"}
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -239,16 +242,28 @@ class _ScoreLaunch:
     """
 
     def __init__(
-        self, projector, images_f, ctf, inv_sigma2, rotations, shifts_px, rs, r_max_px
+        self,
+        projector,
+        images_f,
+        ctf,
+        inv_sigma2,
+        rotations,
+        shifts_px,
+        rs,
+        r_max_px,
+        shift_tile: int | None = None,
     ):
         from pycuda import gpuarray
 
-        module = load_kernels("scoring.cu")
-        self._phase_table = module.get_function("phase_table")
-        self._score_tiles = module.get_function("score_tiles")
         b, n = images_f.shape[:2]
         self.b, self.n = b, n
         self.n_rot, self.n_shift = rotations.shape[1], shifts_px.shape[1]
+        if shift_tile is None:
+            shift_tile = 64 if self.n_shift > 32 else 32
+        self.shift_tile = shift_tile
+        module = load_kernels("scoring.cu")
+        self._phase_table = module.get_function("phase_table")
+        self._score_tiles = module.get_function(_SHIFT_TILES[shift_tile])
         self.c, self.padding = projector.c, projector.padding
         self.vol = device_volume(projector)
         flat, mult, shell, self.kx_g, self.ky_g = _pixels(n, r_max_px)
@@ -273,7 +288,7 @@ class _ScoreLaunch:
         )  # fmt: skip
 
     def scores(self):
-        """Kernel ``score_tiles``; returns the (b, J, S) float32 GPUArray."""
+        """Kernel ``score_tiles`` (or ``_s64``); returns the (b, J, S) float32 GPUArray."""
         self._score_tiles(
             self.vol, np.int32(self.c), np.float32(self.padding),
             self.rot_g, np.intp(0) if self.rs_g is None else self.rs_g, np.int32(self.n),
@@ -281,7 +296,7 @@ class _ScoreLaunch:
             self.kx_g, self.ky_g, self.w1_g, self.z_g,
             np.int32(self.n_shift), np.int32(self.npix), self.out_g,
             block=(16, 16, 1),
-            grid=(-(-self.n_rot // _TILE), -(-self.n_shift // _TILE), self.b),
+            grid=(-(-self.n_rot // _TILE), -(-self.n_shift // self.shift_tile), self.b),
         )  # fmt: skip
         return self.out_g
 

@@ -22,7 +22,6 @@
 #include "localrefine_common.h"
 
 #define LR_TJ 32
-#define LR_TS 32
 #define LR_TP 32
 #define LR_THREADS 256
 
@@ -45,26 +44,31 @@ extern "C" __global__ void phase_table(const float2* __restrict__ y,
     z[((size_t)i * S + s) * npix + p] = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
 }
 
-// score[i, j, s] for a tile of LR_TJ rotations and LR_TS shifts of particle i.
-// grid: (ceil(J / LR_TJ), ceil(S / LR_TS), m); block: (16, 16).
+// score[i, j, s] for a tile of LR_TJ rotations and TS (32 or 64) shifts of
+// particle i; each thread accumulates 2 rotations x TS/16 shifts in registers.
+// grid: (ceil(J / LR_TJ), ceil(S / TS), m); block: (16, 16).
 // rot: (m, J, 9) row-major A; rshift: (m, J, 2) pixels or NULL; n: box size;
 // sign: of the origin phases (see top);
 // w1: (m, npix); z: (m, S, npix); out: (m, J, S).
-extern "C" __global__ void __launch_bounds__(LR_THREADS)
-score_tiles(const float2* __restrict__ vol, int c, float padding,
-            const float* __restrict__ rot, const float* __restrict__ rshift, int n,
-            float sign, int m, int J,
-            const float* __restrict__ kx, const float* __restrict__ ky,
-            const float* __restrict__ w1, const float2* __restrict__ z, int S, int npix,
-            float* __restrict__ out) {
+template <int TS>
+__device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, int c,
+                                               float padding, const float* __restrict__ rot,
+                                               const float* __restrict__ rshift, int n,
+                                               float sign, int m, int J,
+                                               const float* __restrict__ kx,
+                                               const float* __restrict__ ky,
+                                               const float* __restrict__ w1,
+                                               const float2* __restrict__ z, int S, int npix,
+                                               float* __restrict__ out) {
+    constexpr int NS = TS / 16;  // shifts per thread
     const int i = blockIdx.z;
     const int j0 = blockIdx.x * LR_TJ;
-    const int s0 = blockIdx.y * LR_TS;
+    const int s0 = blockIdx.y * TS;
     if (i >= m || j0 >= J || s0 >= S) return;  // block-uniform guard
 
     __shared__ float rot_s[LR_TJ][8];  // rows 0, 1 of A and the rotation's origin
     __shared__ float2 p_s[LR_TP][LR_TJ + 1];
-    __shared__ float2 z_s[LR_TP][LR_TS + 1];
+    __shared__ float2 z_s[LR_TP][TS + 1];
     __shared__ float a_s[LR_TJ];
 
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -87,7 +91,9 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
     float a_acc[LR_TJ / 8];  // |P|^2 term of rotations warp + 8 k
 #pragma unroll
     for (int k = 0; k < LR_TJ / 8; ++k) a_acc[k] = 0.0f;
-    float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
+    float acc[2][NS];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) acc[0][q] = acc[1][q] = 0.0f;
 
     for (int p0 = 0; p0 < npix; p0 += LR_TP) {
         // slice values: lane -> pixel (neighbouring pixels read neighbouring voxels)
@@ -115,7 +121,7 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
         }
         // phase-table tile: lane -> pixel (coalesced), warp + 8 k -> shift
 #pragma unroll
-        for (int k = 0; k < LR_TS / 8; ++k) {
+        for (int k = 0; k < TS / 8; ++k) {
             const int ss = warp + 8 * k;
             z_s[lane][ss] = (pin && s0 + ss < S) ? zi[(size_t)(s0 + ss) * npix + p]
                                                  : make_float2(0.0f, 0.0f);
@@ -124,11 +130,12 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
 #pragma unroll 8
         for (int pp = 0; pp < LR_TP; ++pp) {
             const float2 pa = p_s[pp][ty], pb = p_s[pp][ty + 16];
-            const float2 za = z_s[pp][tx], zb = z_s[pp][tx + 16];
-            acc00 += pa.x * za.x - pa.y * za.y;
-            acc01 += pa.x * zb.x - pa.y * zb.y;
-            acc10 += pb.x * za.x - pb.y * za.y;
-            acc11 += pb.x * zb.x - pb.y * zb.y;
+#pragma unroll
+            for (int q = 0; q < NS; ++q) {
+                const float2 zq = z_s[pp][tx + 16 * q];
+                acc[0][q] += pa.x * zq.x - pa.y * zq.y;
+                acc[1][q] += pb.x * zq.x - pb.y * zq.y;
+            }
         }
         __syncthreads();
     }
@@ -141,10 +148,36 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
         if (lane == 0) a_s[warp + 8 * k] = v;
     }
     __syncthreads();
-    const int ja = j0 + ty, jb = j0 + ty + 16, sa = s0 + tx, sb = s0 + tx + 16;
     float* outi = out + (size_t)i * J * S;
-    if (ja < J && sa < S) outi[(size_t)ja * S + sa] = a_s[ty] - acc00;
-    if (ja < J && sb < S) outi[(size_t)ja * S + sb] = a_s[ty] - acc01;
-    if (jb < J && sa < S) outi[(size_t)jb * S + sa] = a_s[ty + 16] - acc10;
-    if (jb < J && sb < S) outi[(size_t)jb * S + sb] = a_s[ty + 16] - acc11;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = j0 + ty + 16 * h;
+#pragma unroll
+        for (int q = 0; q < NS; ++q) {
+            const int s = s0 + tx + 16 * q;
+            if (j < J && s < S) outi[(size_t)j * S + s] = a_s[ty + 16 * h] - acc[h][q];
+        }
+    }
+}
+
+// Tiles of 32 shifts (host's choice when S <= 32).
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+score_tiles(const float2* __restrict__ vol, int c, float padding,
+            const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+            float sign, int m, int J, const float* __restrict__ kx,
+            const float* __restrict__ ky, const float* __restrict__ w1,
+            const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+// Tiles of 64 shifts: each slice value serves twice as many shifts (S > 32).
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64(const float2* __restrict__ vol, int c, float padding,
+                const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                float sign, int m, int J, const float* __restrict__ kx,
+                const float* __restrict__ ky, const float* __restrict__ w1,
+                const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
 }
