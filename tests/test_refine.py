@@ -298,6 +298,8 @@ def test_continue_equals_uninterrupted(perturbed_runs):
     assert resumed.iterations == full.iterations
     assert resumed.resolution_a == full.resolution_a
     a, b = folder / "full", folder / "resumed"
+    # only the last two checkpoints are kept (they hold maps)
+    assert [i for i, _ in list_checkpoints(a)] == [full.iterations - 1, full.iterations]
     assert read_star(a / "particles.star") == read_star(b / "particles.star")
     for name in ("map.mrc", "half_map_1.mrc", "half_map_2.mrc"):
         va, _ = mrc_io.read_map(a / name)

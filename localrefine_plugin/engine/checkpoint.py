@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_latest_checkpoint", "checkpoint_dir"]
+__all__ = [
+    "Checkpoint",
+    "save_checkpoint",
+    "load_latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "checkpoint_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +141,9 @@ def load_latest_checkpoint(output_dir) -> Checkpoint | None:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
     return None
+
+
+def prune_checkpoints(output_dir, *, keep: int = 2) -> None:
+    """Delete all but the ``keep`` most recent checkpoints (maps make them large)."""
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        path.unlink(missing_ok=True)

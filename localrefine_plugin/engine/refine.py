@@ -36,6 +36,7 @@ from .checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_latest_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
 from .errors import InputError
@@ -299,6 +300,7 @@ class _Run:
             ckpt.state["wall_seconds"] += time.monotonic() - self.started
             self.started = time.monotonic()
             save_checkpoint(self.output_dir, ckpt)
+            prune_checkpoints(self.output_dir, keep=2)
             if (
                 stop_after_iteration is not None
                 and ckpt.iteration >= stop_after_iteration
