@@ -666,3 +666,35 @@ def test_marginalisation_dynamic_mask_priors_and_half_maps_run(tmp_path):
     assert "half maps" in (tmp_path / "out" / "refine.log").read_text()
     full, _ = mrc_io.read_map(tmp_path / "out" / "map.mrc")
     assert np.corrcoef(full.ravel(), vol.ravel())[0, 1] > 0.8
+
+
+def test_missing_half_sets_are_assigned_by_row_and_logged(tmp_path, caplog):
+    from localrefine_plugin.engine.refine_inputs import load_inputs
+
+    data = make_dataset(tmp_path / "data", n=12, with_subsets=False)
+    with caplog.at_level(logging.WARNING, logger="localrefine_plugin"):
+        inputs = load_inputs(
+            data["star"], data["reference"], data["mask"], options=RefineOptions()
+        )
+    np.testing.assert_array_equal(inputs.particles.random_subset, np.arange(12) % 2 + 1)
+    assert "rlnRandomSubset" in caplog.text and "particles.star" in caplog.text
+
+
+def test_image_index_out_of_range_raises_before_work(small_data, tmp_path):
+    from localrefine_plugin.engine.star import write_star
+
+    doc = read_star(small_data["star"])
+    names = doc["particles"].column("rlnImageName")
+    names[3] = names[3].replace("4@", "999@", 1)
+    doc["particles"].set_column("rlnImageName", names, fmt="{}")
+    star = small_data["star"].parent / "badindex.star"
+    write_star(star, doc)
+    with pytest.raises(InputError) as exc:
+        run_local_refinement(
+            star,
+            small_data["reference"],
+            small_data["mask"],
+            output_dir=tmp_path / "out",
+        )
+    assert "999" in str(exc.value) or "range" in str(exc.value)
+    _no_work_done(tmp_path / "out")
