@@ -11,7 +11,8 @@ from localrefine_plugin.cli import build_parser, entry_point
 from localrefine_plugin.cli.refine import options_from_args
 from localrefine_plugin.engine import mrc_io
 from localrefine_plugin.engine.refine_options import RefineOptions
-from tests.test_refine import BOX, PIXEL_A, make_dataset
+
+from .test_refine import BOX, PIXEL_A, make_dataset
 
 REQUIRED = ["--particles", "p.star", "--reference", "r.mrc", "--mask", "m.mrc"]
 

@@ -28,7 +28,8 @@ from localrefine_plugin.engine.masks import create_soft_mask
 from localrefine_plugin.engine.projector import FourierProjector, forward_model
 from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
 from localrefine_plugin.engine.star import read_star
-from tests.conftest import blob_map
+
+from .conftest import blob_map
 
 BOX = 48
 PIXEL_A = 3.0
