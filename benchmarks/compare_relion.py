@@ -110,6 +110,34 @@ def particle_diameter_a(mask: np.ndarray, pixel_size_a: float) -> float:
     return float(min(2 * r + 1, n - 1) * pixel_size_a)
 
 
+def timed_once(
+    cmd: list[str],
+    *,
+    work: Path,
+    name: str,
+    cwd: Path,
+    reuse: bool,
+    done: Path,
+    env=None,
+) -> float:
+    """Run ``cmd`` (log ``WORK/NAME.log``) and record its wall time in ``NAME_time.json``.
+
+    With ``reuse``, a run whose final file ``done`` and time record exist is
+    not repeated: its recorded wall time is returned.
+    """
+    record = work / f"{name}_time.json"
+    if reuse and done.is_file() and record.is_file():
+        log.info("reusing %s's finished run (%s)", name, done)
+        return float(json.loads(record.read_text(encoding="utf-8"))["wall_seconds"])
+    load = load_average()
+    seconds = run_timed(cmd, cwd=cwd, log_path=work / f"{name}.log", env=env)
+    write_json_atomic(
+        record,
+        {"wall_seconds": seconds, "load_average_before": load, "command": cmd},
+    )
+    return seconds
+
+
 # --------------------------------------------------------------------------- dataset
 def prepare_dataset(args: argparse.Namespace, work: Path) -> dict:
     """Simulate (or reuse), subtract with re-centring, carry the truth along.
@@ -408,6 +436,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-relion", action="store_true")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="do not rerun a program whose finished outputs and timing are in WORKDIR",
+    )
     p.add_argument("--threads", type=int, default=2, help="ours: --threads")
     p.add_argument("--relion-mpi", type=int, default=3, help="mpirun -np (1 leader)")
     p.add_argument("--relion-threads", type=int, default=1, help="RELION --j")
@@ -444,10 +477,16 @@ def main(argv=None) -> int:
         results["load_average_start"] = load_average()
         if not args.skip_ours:
             out = work / "ours"
-            cmd = our_command(
-                data, out, threads=args.threads, extra=args.ours_args.split()
+            extra = args.ours_args.split()
+            cmd = our_command(data, out, threads=args.threads, extra=extra)
+            seconds = timed_once(
+                cmd,
+                work=work,
+                name="ours",
+                cwd=data["dir"],
+                reuse=args.reuse,
+                done=out / "summary.json",
             )
-            seconds = run_timed(cmd, cwd=data["dir"], log_path=work / "ours.log")
             r = evaluate_run(
                 out / "particles.star",
                 out / "map.mrc",
@@ -462,6 +501,7 @@ def main(argv=None) -> int:
             r["load_average_after"] = load_average()
             r["command"] = cmd
             results["ours"] = r
+            write_json_atomic(work / "compare_relion.json", results)
         if not args.skip_relion:
             (data["dir"] / "relion").mkdir(exist_ok=True)
             mask, apix = read_map(data["mask"])
@@ -475,8 +515,14 @@ def main(argv=None) -> int:
                 threads=args.relion_threads,
                 gridding=not args.relion_skip_gridding,
             )
-            seconds = run_timed(
-                cmd, cwd=data["dir"], log_path=work / "relion.log", env=relion_env()
+            seconds = timed_once(
+                cmd,
+                work=work,
+                name="relion",
+                cwd=data["dir"],
+                reuse=args.reuse,
+                done=data["dir"] / "relion" / "run_model.star",
+                env=relion_env(),
             )
             files = relion_outputs(data["dir"] / "relion" / "run", data["particles"])
             r = evaluate_run(
