@@ -27,8 +27,11 @@ JSON (``--json``). Example::
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
 
@@ -178,16 +181,27 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     )
 
     # -- the kernels alone -------------------------------------------------------------
-    launch = _ScoreLaunch(proj, x, ctf, inv_s2, rots, shifts, None, float(r_max))
     start, stop = cuda.Event(), cuda.Event()
-    times = []
-    for _ in range(5):
-        start.record()
-        launch.phase_table()
-        launch.scores()
-        stop.record()
-        stop.synchronize()
-        times.append(stop.time_since(start) * 1e-3)
+    tile_times = {}
+    for tile in (
+        32,
+        64,
+    ):  # both tile widths on the same data; the host picks 64 for S > 32
+        launch = _ScoreLaunch(
+            proj, x, ctf, inv_s2, rots, shifts, None, float(r_max), tile
+        )
+        times = []
+        for _ in range(5):
+            start.record()
+            launch.phase_table()
+            launch.scores()
+            stop.record()
+            stop.synchronize()
+            times.append(stop.time_since(start) * 1e-3)
+        tile_times[tile] = float(np.median(times))
+        del launch
+    res["kernel_s_by_shift_tile"] = tile_times
+    times = [tile_times[64]]
     t_k = float(np.median(times))
     flops = flop_count(m_gpu, J_STAGE, S_STAGE, npix)
     nbytes = byte_count(m_gpu, J_STAGE, S_STAGE, npix, device_volume(proj).nbytes)
@@ -207,7 +221,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
             else "memory"
         )
     log(
-        f"  kernels alone: {t_k * 1e3:.2f} ms, {res['kernel_tflops']:.2f} TFLOP/s"
+        f"  kernels alone (64-shift tiles; 32-shift tiles {tile_times[32] * 1e3:.2f} ms): "
+        f"{t_k * 1e3:.2f} ms, {res['kernel_tflops']:.2f} TFLOP/s"
         + (f" ({100 * res['fp32_fraction']:.1f}% of FP32 peak)" if peaks else "")
         + f", {res['kernel_tbps']:.3f} TB/s"
         + (
@@ -233,6 +248,16 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
             proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw
         )
     )
+    profile = cProfile.Profile()
+    profile.enable()
+    local_search(proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw)
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+    log(
+        f"  where the GPU local search spends its time (box {n}, cProfile, by own time):"
+    )
+    log("\n".join("    " + line for line in text.getvalue().splitlines()[4:22]))
     sub = {k: (v[:m_s_cpu] if k.startswith("consensus") else v) for k, v in kw.items()}
     found = {}
 
