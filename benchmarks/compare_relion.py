@@ -319,21 +319,22 @@ def relion_outputs(out_root: Path, input_star: Path) -> dict:
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise RuntimeError(f"RELION's final outputs are missing: {missing}")
+    # Match on the rlnImageName text: RELION resolves it against its working
+    # directory, not the STAR file's folder, so resolved paths can differ.
     refined = read_particles(files["data"])
-    wanted = read_particles(input_star).image_refs
-    row_of = {name: i for i, name in enumerate(refined.image_refs)}
-    if set(row_of) != set(wanted):
+    have = read_star(files["data"])["particles"].column("rlnImageName")
+    wanted = read_star(input_star)["particles"].column("rlnImageName")
+    row_of = {name: i for i, name in enumerate(have)}
+    if len(row_of) != len(have) or set(row_of) != set(wanted):
         raise RuntimeError(f"{files['data']} does not hold the input's particles")
     ordered = files["data"].with_name(files["data"].stem + "_input_order.star")
     write_particles(ordered, refined.subset([row_of[w] for w in wanted]))
     files["data_input_order"] = ordered
     general = read_star(files["model"])["model_general"]
     files["own_resolution_a"] = general.value_as_float("rlnCurrentResolution")
-    files["iterations"] = int(
-        read_star(out_root.with_name(out_root.name + "_optimiser.star"))[
-            "optimiser_general"
-        ].value("rlnCurrentIteration")
-    )
+    # Iterations: the last run_itNNN_optimiser.star (iteration 0 is the start).
+    steps = out_root.parent.glob(out_root.name + "_it[0-9][0-9][0-9]_optimiser.star")
+    files["iterations"] = max(int(f.name[len(out_root.name) + 3 :][:3]) for f in steps)
     return files
 
 
