@@ -105,7 +105,8 @@ static void emu_launch(emu_dim3 grid, emu_dim3 block, const std::function<void()
 """
 
 _SIG = re.compile(
-    r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(([^)]*)\)', re.S
+    r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(([^)]*)\)',
+    re.S,
 )
 _CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
 _BUILD = Path(tempfile.mkdtemp(prefix="lr_kernel_emu_"))
@@ -382,3 +383,21 @@ def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
     ref.insert(f[:5], rots[:5])
     assert np.abs(plain.data - ref.data).max() <= 1e-5 * np.abs(ref.data).max()
     np.testing.assert_allclose(plain.reconstruct(), ref.reconstruct(), atol=1e-4)
+
+
+def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):
+    from localrefine_plugin.engine.scoring import weighted_projection_power
+    from localrefine_plugin.kernels.cuda_scoring import (
+        weighted_projection_power as gpu_power,
+    )
+
+    n, m = 25, 6
+    proj = FourierProjector(blob_map(n, seed=3))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 12000.0, 0.0), n, 2.0)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    cpu, k_cpu = weighted_projection_power(proj, ctf, inv_s2, rots, r_max_px=10.0)
+    got, k_got = gpu_power(proj, ctf, inv_s2, rots, r_max_px=10.0, device="cuda")
+    np.testing.assert_array_equal(k_got, k_cpu)
+    assert got.shape == cpu.shape
+    assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()

@@ -202,3 +202,16 @@ def test_local_refinement_on_the_gpu_reaches_the_cpu_resolution(gpu, tmp_path):
     print(f"local refinement resolution: CPU {cpu:.2f} A, GPU {cuda:.2f} A")
     assert results["cuda"].summary.get("device", "cuda") == "cuda"
     assert cuda <= cpu * 1.02
+
+
+def test_projection_power_matches_the_cpu(gpu, rng):
+    from localrefine_plugin.engine.scoring import weighted_projection_power
+    from localrefine_plugin.kernels.cuda_scoring import (
+        weighted_projection_power as gpu_power,
+    )
+
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, 12)
+    cpu, k_cpu = weighted_projection_power(proj, ctf, inv_s2, a_true, r_max_px=28.0)
+    got, k_got = gpu_power(proj, ctf, inv_s2, a_true, r_max_px=28.0, device="cuda")
+    np.testing.assert_array_equal(k_got, k_cpu)
+    assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()

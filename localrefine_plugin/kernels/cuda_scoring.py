@@ -27,10 +27,18 @@ import numpy as np
 
 from ..engine.scoring import half_plane_pixels
 from ..engine.scoring import score_poses as _engine_score_poses
+from ..engine.scoring import weighted_projection_power as _engine_power
 from .backend import batch_size_for, load_kernels, select_device, to_device
 from .cuda_projector import device_volume
 
-__all__ = ["score_poses", "get_score_fn", "fold_weights", "flop_count", "byte_count"]
+__all__ = [
+    "weighted_projection_power",
+    "score_poses",
+    "get_score_fn",
+    "fold_weights",
+    "flop_count",
+    "byte_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ def _pixels(n: int, r_max_px: float) -> tuple:
             flat, mult, shell,
             to_device(kx, np.float32),
             to_device(ky, np.float32),
+            to_device(np.arange(flat.size), np.int32),  # identity destinations
         )  # fmt: skip
         _pixel_cache[key] = hit
     return hit
@@ -266,7 +275,7 @@ class _ScoreLaunch:
         self._score_tiles = module.get_function(_SHIFT_TILES[shift_tile])
         self.c, self.padding = projector.c, projector.padding
         self.vol = device_volume(projector)
-        flat, mult, shell, self.kx_g, self.ky_g = _pixels(n, r_max_px)
+        flat, mult, shell, self.kx_g, self.ky_g, _ = _pixels(n, r_max_px)
         self.npix = flat.size
         w1, y = fold_weights(images_f, ctf, inv_sigma2, flat, mult, shell)
         self.y_g = to_device(y, np.complex64)
@@ -346,3 +355,57 @@ def get_score_fn():
     ensure_context()
     load_kernels("scoring.cu")
     return _score_cuda
+
+
+def _power_host(projector, ctf, inv_sigma2, rotations, *, r_max_px):
+    """The NumPy engine (:func:`.engine.scoring.weighted_projection_power`)."""
+    return _engine_power(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
+
+
+def _power_cuda(projector, ctf, inv_sigma2, rotations, *, r_max_px):
+    """The bound's projection power with the slices interpolated on the GPU.
+
+    Same arguments and result as :func:`.engine.scoring.weighted_projection_power`:
+    ``power`` (m, P) float64 (``mult c^2 |P|^2 / sigma2`` per half-plane pixel)
+    and ``radius`` (P,). Kernel ``project_slices`` samples the P pixels of each
+    rotation; the weighting is a cheap host product.
+    """
+    from pycuda import gpuarray
+
+    ctf = np.asarray(ctf)
+    m, n = ctf.shape[0], ctf.shape[1]
+    inv_sigma2 = np.broadcast_to(
+        np.asarray(inv_sigma2, dtype=np.float64), (m, n // 2 + 1)
+    )
+    flat, mult, shell, kx_g, ky_g, dest_g = _pixels(n, float(r_max_px))
+    npix = flat.size
+    kernel = load_kernels("projector.cu").get_function("project_slices")
+    rot_g = to_device(np.asarray(rotations, dtype=np.float64).reshape(m, 9), np.float32)
+    out_g = gpuarray.empty((m, npix), dtype=np.complex64)
+    kernel(
+        device_volume(projector), np.int32(projector.c), np.float32(projector.padding),
+        rot_g, np.int32(m), kx_g, ky_g, dest_g, np.int32(npix), out_g, np.int32(npix),
+        block=(128, 1, 1), grid=((npix + 127) // 128, m),
+    )  # fmt: skip
+    proj = out_g.get()
+    c = ctf.reshape(m, -1)[:, flat].astype(np.float64)
+    power = (proj.real.astype(np.float64) ** 2 + proj.imag.astype(np.float64) ** 2) * (
+        c * c * mult * inv_sigma2[:, shell]
+    )  # (m, P)
+    _, kx, ky, _, _ = half_plane_pixels(n, float(r_max_px))
+    return power, np.hypot(kx, ky)
+
+
+def weighted_projection_power(
+    projector, ctf, inv_sigma2, rotations, *, r_max_px, device: str = "auto"
+):
+    """:func:`.engine.scoring.weighted_projection_power` on ``device``; logs the path.
+
+    A drop-in for the branch-and-bound's bound (``engine/search.py`` calls the
+    engine's directly today; the benchmark measures the search with this one).
+    """
+    if select_device(device) == "cuda":
+        log.debug("weighted_projection_power: CUDA path")
+        return _power_cuda(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
+    log.debug("weighted_projection_power: CPU path")
+    return _power_host(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
