@@ -20,16 +20,22 @@ Algorithm (cryoSPARC's published local refinement; ``docs/local_refinement.md``)
 
 Every completed iteration is saved (:mod:`.checkpoint`); ``continue_run``
 resumes from the last one and reproduces the uninterrupted result.
+
+``mpirun -np K`` runs K ranks that share the particles and sum their partial
+results each step (:mod:`.parallel`); rank 0 writes the log file, the
+checkpoints and the outputs; each rank uses its own GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .errors import InputError
+from .parallel import assign_gpu, get_comm
 from .refine_device import select_backend
 from .refine_inputs import load_inputs
 from .refine_loop import RefinementLoop, RefineResult
@@ -94,6 +100,7 @@ def run_local_refinement(
     half_maps=None,
     continue_run: bool = False,
     stop_after_iteration: int | None = None,
+    comm=None,
 ) -> RefineResult:
     """Refine particle poses locally around their consensus poses (gold standard).
 
@@ -117,6 +124,9 @@ def run_local_refinement(
     stop_after_iteration : int, optional
         Stop (without final outputs) once this iteration is saved: a test hook
         standing for a killed run.
+    comm : SerialComm or MpiComm, optional
+        The ranks of this run (:mod:`.parallel`); default
+        :func:`.parallel.get_comm` (MPI when started by ``mpirun``).
 
     Returns
     -------
@@ -130,14 +140,27 @@ def run_local_refinement(
     started = time.monotonic()
     options = RefineOptions() if options is None else options
     options.validate()
+    comm = get_comm() if comm is None else comm
+    if device != "cpu":
+        assign_gpu(comm)
     backend = select_backend(device)
     output_dir = Path(output_dir)
     _prepare_output_dir(output_dir, continue_run)
-    with _LogToFile(output_dir / LOG_NAME):
+    comm.barrier()  # every rank has checked the directory before rank 0 clears it
+    log_file = _LogToFile(output_dir / LOG_NAME) if comm.is_root else nullcontext()
+    with log_file:
+        if comm.size > 1:
+            log.info("MPI: %d ranks; this is rank %d", comm.size, comm.rank)
         inputs = load_inputs(
             particles, reference, mask, half_maps=half_maps, options=options
         )
-        remove_outputs(output_dir)
-        return RefinementLoop(inputs, options, backend, output_dir, started).run(
-            continue_run, stop_after_iteration
-        )
+        if comm.is_root:
+            remove_outputs(output_dir)
+        loop = RefinementLoop(inputs, options, backend, output_dir, started, comm)
+        try:
+            return loop.run(continue_run, stop_after_iteration)
+        except Exception:
+            if comm.size > 1:  # the other ranks would wait for this one forever
+                log.exception("rank %d failed; stopping every rank", comm.rank)
+                comm.abort(1)
+            raise

@@ -4,6 +4,10 @@
 :mod:`.refine` from a fresh start or from the last checkpoint, decides when to
 stop, and writes the final outputs. Everything is deterministic (fixed batch
 order, seeded FSC randomisation), so a continued run equals an uninterrupted one.
+
+Under MPI every rank runs this loop on identical state (the steps sum their
+partial results over the ranks, :mod:`.parallel`); only rank 0 writes
+checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .checkpoint import (
 from .errors import InputError
 from .filters import lowpass
 from .geometry import geodesic_angle_deg, matrix_to_euler
+from .parallel import SerialComm
 from .refine_inputs import RefineInputs, fulcrum_px
 from .refine_outputs import write_outputs
 
@@ -71,8 +76,9 @@ class RefinementLoop:
     """One refinement: the state between iterations and the loop over them."""
 
     def __init__(
-        self, inputs: RefineInputs, options, backend, output_dir, started
+        self, inputs: RefineInputs, options, backend, output_dir, started, comm=None
     ) -> None:
+        self.comm = SerialComm() if comm is None else comm
         self.inputs = inputs
         self.options = options
         self.backend = backend
@@ -104,6 +110,7 @@ class RefinementLoop:
             rotations=self.consensus_rotations,
             origins_px=self.consensus_origins,
             options=opt,
+            comm=self.comm,
         )
         return Checkpoint(
             iteration=0,
@@ -128,6 +135,13 @@ class RefinementLoop:
 
     def _resume(self) -> Checkpoint | None:
         ckpt = load_latest_checkpoint(self.output_dir)
+        found = self.comm.allgather(None if ckpt is None else ckpt.iteration)
+        if len(set(found)) > 1:
+            raise InputError(
+                self.output_dir,
+                f"the ranks found different last checkpoints {found}",
+                "give every rank the same output directory (a shared file system)",
+            )
         if ckpt is None:
             log.warning(
                 "--continue: no checkpoint in %s; starting from the beginning",
@@ -178,8 +192,9 @@ class RefinementLoop:
                         ckpt.state["r_max_px"] = float(self.inputs.box // 2)
             ckpt.state["wall_seconds"] += time.monotonic() - self.started
             self.started = time.monotonic()
-            save_checkpoint(self.output_dir, ckpt)
-            prune_checkpoints(self.output_dir, keep=2)
+            if self.comm.is_root:
+                save_checkpoint(self.output_dir, ckpt)
+                prune_checkpoints(self.output_dir, keep=2)
             if (
                 stop_after_iteration is not None
                 and ckpt.iteration >= stop_after_iteration
@@ -236,10 +251,11 @@ class RefinementLoop:
             score_fn=self.backend.score_fn,
             label=label,
             signal_radius_px=steps.signal_radius_px(prev.mask, self.fulcrum),
+            comm=self.comm,
         )
         moved = self._with_poses(aligned.rotations, aligned.origins_px)
         rec = steps.reconstruct_and_compare(
-            moved, prev.mask, options=opt, alignment=aligned
+            moved, prev.mask, options=opt, alignment=aligned, comm=self.comm
         )
         halves, full = rec.halves, rec.full
         res = rec.fsc.resolution_0143
@@ -259,6 +275,7 @@ class RefinementLoop:
             rotations=aligned.rotations,
             origins_px=aligned.origins_px,
             options=opt,
+            comm=self.comm,
         )
         rot_change = geodesic_angle_deg(aligned.rotations, prev.rotations)
         shift_change = np.linalg.norm(aligned.origins_px - prev.origins_px, axis=1)
@@ -343,20 +360,23 @@ class RefinementLoop:
             "per_iteration": history,
             "options": opt.to_dict(),
             "device": self.backend.name,
+            "mpi_ranks": self.comm.size,
             "fulcrum_px": [float(v) for v in self.fulcrum],
             "box": inp.box,
             "pixel_size_a": inp.pixel_size_a,
             "inputs": inp.sources,
         }
-        write_outputs(
-            self.output_dir,
-            particles=self._with_poses(ckpt.rotations, ckpt.origins_px),
-            half_maps=ckpt.half_maps,
-            full_map=ckpt.arrays["full_map"],
-            fsc_result=fsc,
-            pixel_size_a=inp.pixel_size_a,
-            summary=summary,
-        )
+        if self.comm.is_root:
+            write_outputs(
+                self.output_dir,
+                particles=self._with_poses(ckpt.rotations, ckpt.origins_px),
+                half_maps=ckpt.half_maps,
+                full_map=ckpt.arrays["full_map"],
+                fsc_result=fsc,
+                pixel_size_a=inp.pixel_size_a,
+                summary=summary,
+            )
+        self.comm.barrier()  # every rank returns once the outputs are complete
         log.info(
             "local refinement finished: %s after %d iterations (%d particles, %.1f s)",
             fsc.resolution_0143,

@@ -10,6 +10,10 @@
 
 Nothing here is random, and batches are processed in a fixed order, so a run
 continued from a checkpoint reproduces an uninterrupted one.
+
+Under MPI (``comm``, :mod:`.parallel`) each rank takes its share of the same
+batches and the partial results are summed over the ranks at the end of each
+step, so every rank returns the same poses, maps and noise model.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from . import fsc as fsc_mod
 from . import masks, noise, reconstruct, search
 from .ctf import ctf_2d
 from .fourier import image_to_fourier
+from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
 
@@ -116,6 +121,7 @@ def align_particles(
     score_fn,
     label: str,
     signal_radius_px: float | None = None,
+    comm=None,
 ) -> AlignmentResult:
     """Local search of every particle against its half set's masked reference.
 
@@ -141,7 +147,10 @@ def align_particles(
     signal_radius_px : float, optional
         Radius about the fulcrum holding the masked signal (pixels), for the
         search's bounds (:func:`signal_radius_px`).
+    comm : SerialComm or MpiComm, optional
+        Ranks sharing the batches (:mod:`.parallel`); default one process.
     """
+    comm = SerialComm() if comm is None else comm
     n, px = particles.n, particles.pixel_size_a
     _, rows = group_rows(particles.optics_group)
     k = int(options.marginalize_top_k)
@@ -150,18 +159,23 @@ def align_particles(
         if options.prior_sigma_shift_a is None
         else options.prior_sigma_shift_a / px
     )
+    # zeros: under MPI each particle's entries are filled on one rank and summed
     out = AlignmentResult(
-        rotations=np.empty((n, 3, 3)),
-        origins_px=np.empty((n, 2)),
-        scores=np.empty(n),
+        rotations=np.zeros((n, 3, 3)),
+        origins_px=np.zeros((n, 2)),
+        scores=np.zeros(n),
         poses_evaluated=np.zeros(n, dtype=np.int64),
     )
     if k > 1:
-        out.top_rotations = np.empty((n, k, 3, 3))
-        out.top_origins_px = np.empty((n, k, 2))
-        out.top_weights = np.empty((n, k))
-    progress = Progress(n, label, log)
+        out.top_rotations = np.zeros((n, k, 3, 3))
+        out.top_origins_px = np.zeros((n, k, 2))
+        out.top_weights = np.zeros((n, k))
     subsets = np.asarray(particles.random_subset)
+    shares = {
+        half: comm.share(_batches(np.flatnonzero(subsets == half), options.batch_size))
+        for half in (1, 2)
+    }
+    progress = Progress(sum(b.size for h in (1, 2) for b in shares[h]), label, log)
     for half in (1, 2):
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
 
@@ -189,7 +203,7 @@ def align_particles(
             )
             return idx, result
 
-        batches = _batches(np.flatnonzero(subsets == half), options.batch_size)
+        batches = shares[half]
         with ThreadPoolExecutor(max_workers=options.threads) as pool:
             results = (
                 pool.map(run, batches) if options.threads > 1 else map(run, batches)
@@ -204,6 +218,17 @@ def align_particles(
                     out.top_origins_px[idx] = res.top_origins_px
                     out.top_weights[idx] = res.top_weights
                 progress.update(idx.size)
+    for name in (
+        "rotations",
+        "origins_px",
+        "scores",
+        "poses_evaluated",
+        "top_rotations",
+        "top_origins_px",
+        "top_weights",
+    ):
+        if getattr(out, name) is not None:
+            comm.allreduce_sum(getattr(out, name))  # exact: x + 0 = x
     return out
 
 
@@ -236,6 +261,7 @@ def reconstruct_and_compare(
     *,
     options,
     alignment: AlignmentResult | None = None,
+    comm=None,
 ) -> Reconstruction:
     """Half maps, full map and masked FSC at the particles' current poses.
 
@@ -243,7 +269,10 @@ def reconstruct_and_compare(
     best poses and their weights when marginalising); the Wiener
     regularisation is :meth:`.backprojector.BackProjector.reconstruct` with the
     half-map FSC (:func:`.reconstruct.half_map_fsc`), as RELION does.
+    Under MPI (``comm``) each rank back-projects its share of the batches and
+    the accumulators are summed over the ranks (:mod:`.parallel`).
     """
+    comm = SerialComm() if comm is None else comm
     top_k = None
     if alignment is not None and options.marginalize_top_k > 1:
         top_k = (
@@ -251,9 +280,18 @@ def reconstruct_and_compare(
             alignment.top_origins_px,
             alignment.top_weights,
         )
+    mine = comm.share(_batches(np.arange(particles.n), options.batch_size))
     bp1, bp2 = reconstruct.reconstruct_particles(
-        particles, batch_size=options.batch_size, top_k_poses=top_k
+        particles,
+        batch_size=options.batch_size,
+        top_k_poses=top_k,
+        indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
     )
+    for bp in (bp1, bp2):  # the same batches as one process, summed over ranks
+        comm.allreduce_sum(bp.data)
+        comm.allreduce_sum(bp.weight)
+        counted = np.array([bp.n_inserted], dtype=np.int64)
+        bp.n_inserted = int(comm.allreduce_sum(counted)[0])
     raw = np.stack([bp1.reconstruct(), bp2.reconstruct()]).astype(np.float32)
     curve = reconstruct.half_map_fsc(raw[0], raw[1])
     halves = np.stack([bp1.reconstruct(fsc=curve), bp2.reconstruct(fsc=curve)])
@@ -282,21 +320,25 @@ def estimate_noise(
     rotations: np.ndarray,
     origins_px: np.ndarray,
     options,
+    comm=None,
 ) -> np.ndarray:
     """sigma^2 (n_groups, N//2+1) from the residuals against the masked references.
 
     Each particle is compared with ``CTF * shift(projection)`` of its own half
     set's reference at the given pose (:func:`.projector.forward_model`); the
     residual power is accumulated per optics group and shell
-    (:class:`.noise.Sigma2Accumulator`).
+    (:class:`.noise.Sigma2Accumulator`), summed over the MPI ranks (``comm``).
     """
+    comm = SerialComm() if comm is None else comm
     box = particles.box
     ids, rows = group_rows(particles.optics_group)
     acc = noise.Sigma2Accumulator(box, len(ids))
     subsets = np.asarray(particles.random_subset)
     for half in (1, 2):
         projector = FourierProjector(references[half - 1], padding=2)
-        for idx in _batches(np.flatnonzero(subsets == half), options.batch_size):
+        for idx in comm.share(
+            _batches(np.flatnonzero(subsets == half), options.batch_size)
+        ):
             images_f = image_to_fourier(particles.load_images(idx))
             pred = forward_model(
                 projector,
@@ -305,6 +347,8 @@ def estimate_noise(
                 ctf=_ctf_images(particles, idx),
             )
             acc.add(images_f, predictions_f=pred, optics_groups=rows[idx])
+    for total in (acc.sums, acc.counts, acc.image_sums):
+        comm.allreduce_sum(total)
     return acc.sigma2()
 
 
