@@ -62,7 +62,12 @@ from .projector import (
     trilinear_corners,
 )
 
-__all__ = ["BackProjector"]
+__all__ = ["BackProjector", "CHUNK_ENTRIES"]
+
+#: Trilinear entries (8 per pixel per image) processed at once by
+#: :meth:`BackProjector.insert`: bounds its temporaries to ~32 MB per array,
+#: which the allocator reuses without page faults.
+CHUNK_ENTRIES = 1 << 22
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +159,40 @@ class BackProjector:
         rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
         if rotations.shape[0] != m:
             raise ValueError(f"{m} images but {rotations.shape[0]} rotations")
+        ctf_all = (
+            None
+            if ctf is None
+            else np.broadcast_to(np.asarray(ctf), (m, n, n // 2 + 1))
+        )
+        w_all = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if w_all is not None and w_all.shape != (m,):
+            raise ValueError(f"weights must have shape ({m},); got {w_all.shape}")
+        # chunks of ~CHUNK_ENTRIES trilinear entries keep the temporaries small
+        step = max(1, CHUNK_ENTRIES // (8 * max(self._flat.size, 1)))
+        for start in range(0, m, step):
+            sl = slice(start, min(start + step, m))
+            self._insert_chunk(
+                f_images[sl],
+                rotations[sl],
+                None if ctf_all is None else ctf_all[sl],
+                None if w_all is None else w_all[sl],
+            )
+        self.n_inserted += m
+
+    def _insert_chunk(self, f_images, rotations, ctf, weights) -> None:
+        """:meth:`insert` for one chunk of validated inputs (m, ...)."""
+        m = f_images.shape[0]
         f = f_images.reshape(m, -1)[:, self._flat]  # (m, P)
         fr = f.real.astype(np.float64)
         fi = f.imag.astype(np.float64)
         ctf2 = None  # None means 1
         if ctf is not None:
-            c = np.broadcast_to(np.asarray(ctf, dtype=np.float64), (m, n, n // 2 + 1))
-            c = c.reshape(m, -1)[:, self._flat]
+            c = np.asarray(ctf, dtype=np.float64).reshape(m, -1)[:, self._flat]
             fr *= c
             fi *= c
             ctf2 = c * c
         if weights is not None:
-            w = np.asarray(weights, dtype=np.float64).reshape(m, 1)
+            w = weights.reshape(m, 1)
             fr *= w
             fi *= w
             ctf2 = np.broadcast_to(w, (m, fr.shape[1])) if ctf2 is None else ctf2 * w
@@ -195,7 +222,6 @@ class BackProjector:
             np.add.at(parts, 2 * flat_index, w_re)
             np.add.at(parts, 2 * flat_index + 1, w_im)
             np.add.at(self.weight.reshape(-1), flat_index, w_ctf2)
-        self.n_inserted += m
 
     def add(self, other: BackProjector) -> None:
         """Add another back-projector's accumulators (same box, padding, r_max)."""
