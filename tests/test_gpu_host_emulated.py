@@ -332,8 +332,13 @@ def test_host_code_projects_like_the_engine(fake_pycuda, rng, n):
 
 @pytest.mark.parametrize(
     ("with_rotation_shifts", "n_shift"),
-    [(False, 33), (True, 33), (True, 20), (False, 70)],
-)
+    [
+        (False, 33),
+        (True, 33),
+        (True, 20),
+        pytest.param(False, 70, marks=pytest.mark.slow),
+    ],
+)  # 70 shifts: two 64-shift tiles (about 10 s on 2 cores: slow)
 def test_host_code_scores_like_the_engine(
     fake_pycuda, rng, with_rotation_shifts, n_shift
 ):
