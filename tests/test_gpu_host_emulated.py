@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -109,7 +108,7 @@ _SIG = re.compile(
     re.S,
 )
 _CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
-_BUILD = Path(tempfile.mkdtemp(prefix="lr_kernel_emu_"))
+_BUILD: list[Path] = []  # the session's build folder (under pytest's tmp_path_factory)
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
@@ -142,9 +141,9 @@ def _emulator(source: str, kernels: dict) -> ctypes.CDLL:
                 f"unsigned bx, unsigned by, unsigned bz, {decl}) {{\n"
                 f"    emu_launch({{gx, gy, gz}}, {{bx, by, bz}}, [&] {{ {name}({call}); }});\n}}"
             )
-        src = _BUILD / f"emu_{key}.cpp"
+        src = _BUILD[0] / f"emu_{key}.cpp"
         src.write_text(SHIM + "\n" + source + "\n" + "\n".join(wrappers) + "\n")
-        lib = _BUILD / f"emu_{key}.so"
+        lib = _BUILD[0] / f"emu_{key}.so"
         proc = subprocess.run(
             ["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
              "-w", "-I", str(KERNEL_DIR), "-o", str(lib), str(src)],
@@ -249,9 +248,17 @@ def _memset_d8(ptr, value, nbytes):
     a.view(np.uint8).reshape(-1)[...] = value
 
 
+@pytest.fixture(scope="session")
+def emulator_dir(tmp_path_factory) -> Path:
+    """Where the CPU builds of the kernels go (one per session)."""
+    return tmp_path_factory.mktemp("kernel_emu")
+
+
 @pytest.fixture
-def fake_pycuda(monkeypatch):
+def fake_pycuda(monkeypatch, emulator_dir):
     """Install the emulated PyCUDA and a fresh backend state."""
+    if not _BUILD:
+        _BUILD.append(emulator_dir)
     if shutil.which("g++") is None:
         pytest.skip("g++ is needed to run the kernels on the CPU")
     drv = types.ModuleType("pycuda.driver")
