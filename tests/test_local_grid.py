@@ -131,3 +131,31 @@ def test_bad_steps_raise_value_error():
         rotation_grid(10.0, 0.0)
     with pytest.raises(ValueError, match="shape"):
         subdivide_rotations(np.zeros((3, 2)), 1.0)
+
+
+@pytest.mark.parametrize("n_sub", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("dim", "extent", "coarse"),
+    [
+        pytest.param(3, 10.0, 4.0, id="rotations"),
+        pytest.param(2, 3.0, 1.0, id="shifts"),
+    ],
+)
+def test_centred_tree_has_zero_as_a_leaf_and_covers_the_ball(
+    dim, extent, coarse, n_sub, rng
+):
+    leaves = finest_grid(extent, coarse, n_sub, dim=dim, centred=True)
+    leaf = coarse / 2**n_sub
+    # zero (the consensus pose) is a leaf centre, exactly
+    assert np.min(np.linalg.norm(leaves, axis=1)) < 1e-12
+    # leaves lie on the lattice of multiples of the leaf side through zero
+    np.testing.assert_allclose(leaves / leaf, np.rint(leaves / leaf), atol=1e-9)
+    assert _covered(_random_in_ball(rng, 2000, extent, dim), leaves, leaf).all()
+    # without centring no leaf is at zero (children sit at +-step/4)
+    plain = finest_grid(extent, coarse, n_sub, dim=dim)
+    assert np.min(np.linalg.norm(plain, axis=1)) >= leaf / 2 - 1e-12
+
+
+def test_finest_step_must_divide_the_coarse_step_by_a_power_of_two():
+    with pytest.raises(ValueError, match="power of 2"):
+        rotation_grid(10.0, 4.0, finest_step_deg=1.5)

@@ -54,13 +54,29 @@ def _meets_ball(centres: np.ndarray, step: float, extent: float) -> np.ndarray:
     return np.linalg.norm(gap, axis=-1) < extent * (1 - 1e-12)
 
 
-def _cubic_grid(extent: float, step: float, dim: int) -> np.ndarray:
+def _lattice_offset(step: float, finest_step: float | None) -> float:
+    """Offset of the coarse centres that puts zero on the finest lattice."""
+    if finest_step is None:
+        return 0.0
+    finest_step = _check_positive("finest step", finest_step)
+    ratio = step / finest_step
+    if ratio < 1 - 1e-9 or abs(np.log2(ratio) - np.rint(np.log2(ratio))) > 1e-9:
+        raise ValueError(
+            f"step {step} must be the finest step {finest_step} times a power of 2"
+        )
+    return (step - finest_step) / 2
+
+
+def _cubic_grid(
+    extent: float, step: float, dim: int, finest_step: float | None = None
+) -> np.ndarray:
     if extent == 0:
         return np.zeros((1, dim))
     extent = _check_positive("extent", extent)
     step = _check_positive("step", step)
-    half = int(np.ceil(extent / step + 0.5))
-    axis = np.arange(-half, half + 1, dtype=np.float64) * step
+    offset = _lattice_offset(step, finest_step)
+    half = int(np.ceil(extent / step + 0.5)) + (offset > 0)
+    axis = np.arange(-half, half + 1, dtype=np.float64) * step + offset
     centres = np.stack(np.meshgrid(*(axis,) * dim, indexing="ij"), -1).reshape(-1, dim)
     keep = _meets_ball(centres, step, extent)
     centres = centres[keep]
@@ -85,7 +101,9 @@ def _subdivide(
     return children
 
 
-def rotation_grid(extent_deg: float, step_deg: float) -> np.ndarray:
+def rotation_grid(
+    extent_deg: float, step_deg: float, *, finest_step_deg: float | None = None
+) -> np.ndarray:
     """Centres of the rotation cells of side ``step_deg`` that meet the extent ball.
 
     Parameters
@@ -95,16 +113,24 @@ def rotation_grid(extent_deg: float, step_deg: float) -> np.ndarray:
         single identity perturbation.
     step_deg : float
         Grid spacing (degrees) of the rotation-vector components.
+    finest_step_deg : float, optional
+        Side of the leaves the grid will be subdivided to (``step_deg`` over a
+        power of 2). Given, the lattice is offset by ``(step_deg -
+        finest_step_deg) / 2`` on every axis so that the leaves' centres
+        include zero: the consensus pose is a leaf, reached exactly
+        (subdivision puts children at ``+-step/4``, so a lattice through zero
+        at the coarse stage has no leaf at zero). None: no offset.
 
     Returns
     -------
     ndarray, shape (n, 3), float64
         Rotation vectors (axis times angle, degrees) at integer multiples of
-        ``step_deg``, nearest first (the identity, i.e. the consensus pose, is
-        row 0). Centres may lie up to half a cell diagonal outside the ball:
-        evaluate at :func:`clip_to_extent` of them.
+        ``step_deg`` (plus the offset), nearest first (the cell holding the
+        identity, i.e. the consensus pose, is row 0). Centres may lie up to half
+        a cell diagonal outside the ball: evaluate at :func:`clip_to_extent` of
+        them.
     """
-    return _cubic_grid(float(extent_deg), float(step_deg), 3)
+    return _cubic_grid(float(extent_deg), float(step_deg), 3, finest_step_deg)
 
 
 def subdivide_rotations(
@@ -129,7 +155,9 @@ def subdivide_rotations(
     return _subdivide(centres, step_deg, extent_deg, _ROT_OFFSETS)
 
 
-def shift_grid(extent_px: float, step_px: float) -> np.ndarray:
+def shift_grid(
+    extent_px: float, step_px: float, *, finest_step_px: float | None = None
+) -> np.ndarray:
     """Centres of the square shift cells of side ``step_px`` that meet the extent disc.
 
     Parameters
@@ -139,13 +167,17 @@ def shift_grid(extent_px: float, step_px: float) -> np.ndarray:
         single zero shift.
     step_px : float
         Grid spacing (pixels).
+    finest_step_px : float, optional
+        As ``finest_step_deg`` of :func:`rotation_grid`: offset the lattice so
+        that the leaves of this side include the zero shift.
 
     Returns
     -------
     ndarray, shape (n, 2), float64
-        Shift changes ``(dx, dy)`` in pixels, nearest first (zero at row 0).
+        Shift changes ``(dx, dy)`` in pixels, nearest first (the cell holding
+        zero at row 0).
     """
-    return _cubic_grid(float(extent_px), float(step_px), 2)
+    return _cubic_grid(float(extent_px), float(step_px), 2, finest_step_px)
 
 
 def subdivide_shifts(
@@ -183,7 +215,12 @@ def rotvec_to_matrix(rotvec_deg: np.ndarray) -> np.ndarray:
 
 
 def finest_grid(
-    extent: float, coarse_step: float, n_subdivisions: int, *, dim: int
+    extent: float,
+    coarse_step: float,
+    n_subdivisions: int,
+    *,
+    dim: int,
+    centred: bool = False,
 ) -> np.ndarray:
     """Leaves of the full (unpruned) subdivision tree: the exhaustive-search grid.
 
@@ -197,11 +234,18 @@ def finest_grid(
         Number of halvings; the leaves have side ``coarse_step / 2**n``.
     dim : int
         3 (rotation vectors) or 2 (shifts).
+    centred : bool
+        Offset the coarse lattice so that zero is a leaf (``finest_step_*`` of
+        :func:`rotation_grid` / :func:`shift_grid`), as :func:`.search.local_search`
+        does.
     """
+    leaf = float(coarse_step) / 2**n_subdivisions if centred else None
     if dim == 3:
-        cells, split = rotation_grid(extent, coarse_step), subdivide_rotations
+        cells = rotation_grid(extent, coarse_step, finest_step_deg=leaf)
+        split = subdivide_rotations
     elif dim == 2:
-        cells, split = shift_grid(extent, coarse_step), subdivide_shifts
+        cells = shift_grid(extent, coarse_step, finest_step_px=leaf)
+        split = subdivide_shifts
     else:
         raise ValueError(f"dim must be 2 or 3; got {dim}")
     step = float(coarse_step)

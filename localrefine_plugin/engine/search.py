@@ -25,7 +25,11 @@ cryoSPARC; :func:`candidate_poses` does the conversion.
 Branch and bound (after Punjani et al., Nat. Methods 14, 290 (2017), online
 methods "branch and bound")
 --------------------------------------------------------------------------
-Stage ``t = 0 .. T-1`` scores rotation cells of side ``res * 2**(T-1-t)``
+The coarse lattices are offset by half a coarse cell minus half a leaf on every
+axis (:func:`.local_grid.rotation_grid` ``finest_step_deg``), so that the
+leaves' centres include zero: the consensus pose is a leaf, and exact poses come
+back exactly. Stage ``t = 0 .. T-1`` scores rotation cells of side
+``res * 2**(T-1-t)``
 (``res`` = ``alignment_resolution_deg``) times shift cells of side
 ``shift_res * 2**(T-1-t)``, each at its (clipped) centre, with the score
 (:func:`.scoring.score_poses`) summed up to the stage radius
@@ -547,8 +551,21 @@ def _search_batch(
     projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
 ) -> SearchResult:
     m, n = x.shape[0], x.shape[1]
-    rot_cells = [rotation_grid(cfg["rot_ext"], stages[0].rotation_step_deg)] * m
-    shift_cells = [shift_grid(cfg["shift_ext"], stages[0].shift_step_px)] * m
+    # lattices offset so that the leaves hold the consensus pose itself (zero)
+    rot_cells = [
+        rotation_grid(
+            cfg["rot_ext"],
+            stages[0].rotation_step_deg,
+            finest_step_deg=stages[-1].rotation_step_deg,
+        )
+    ] * m
+    shift_cells = [
+        shift_grid(
+            cfg["shift_ext"],
+            stages[0].shift_step_px,
+            finest_step_px=stages[-1].shift_step_px,
+        )
+    ] * m
     n_eval = np.zeros(m, dtype=np.int64)
     gamma = cfg["gamma"]
     args = (projector, x, ctf, inv_sigma2, a_cons, o_cons)
