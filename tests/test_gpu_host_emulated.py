@@ -305,6 +305,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "phase_table",
         "score_tiles",
         "score_tiles_s64",
+        "score_tiles_j64_s64",
         "backproject_f32",
         "backproject_f64",
     }
@@ -412,4 +413,28 @@ def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):
     got, k_got = gpu_power(proj, ctf, inv_s2, rots, r_max_px=10.0, device="cuda")
     np.testing.assert_array_equal(k_got, k_cpu)
     assert got.shape == cpu.shape
+    assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
+
+
+@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
+def test_every_scoring_kernel_variant_scores_like_the_engine(fake_pycuda, rng, variant):
+    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
+
+    n, m, n_rot, n_shift = 20, 2, 70, 40  # crosses the 64-rotation tile too
+    proj = FourierProjector(blob_map(n, seed=6))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    x = forward_model(proj, a, ctf=ctf)
+    x = x + rng.normal(0, 3, x.shape) + 1j * rng.normal(0, 3, x.shape)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    shifts = rng.uniform(-3, 3, (m, n_shift, 2))
+    rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    cpu = score_poses(
+        proj, x, ctf, inv_s2, rots, shifts, r_max_px=7.0, rotation_shifts_px=rs
+    )
+    args = _check(x, ctf, inv_s2, rots, shifts, 7.0, rs)
+    launch = _ScoreLaunch(proj, *args, 7.0, variant)
+    launch.phase_table()
+    got = launch.scores().get()
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()

@@ -215,3 +215,26 @@ def test_projection_power_matches_the_cpu(gpu, rng):
     got, k_got = gpu_power(proj, ctf, inv_s2, a_true, r_max_px=28.0, device="cuda")
     np.testing.assert_array_equal(k_got, k_cpu)
     assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
+
+
+@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
+def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
+    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
+
+    m, n_rot, n_shift = 4, 130, 70  # crosses the 64-wide tiles in both directions
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
+    delta = axis_angle_to_matrix(
+        rng.normal(size=(m, n_rot, 3)), rng.uniform(0, 6, (m, n_rot))
+    )
+    rots = np.einsum("mij,mnjk->mnik", a_true, delta)
+    shifts = o_true[:, None, :] + rng.uniform(-2, 2, (m, n_shift, 2))
+    rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    cpu = score_poses(
+        proj, x, ctf, inv_s2, rots, shifts, r_max_px=30, rotation_shifts_px=rs
+    )
+    launch = _ScoreLaunch(
+        proj, *_check(x, ctf, inv_s2, rots, shifts, 30, rs), 30.0, variant
+    )
+    launch.phase_table()
+    got = launch.scores().get()
+    assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()

@@ -42,9 +42,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TILE = 32  # rotations and pixels per tile (LR_TJ, LR_TP in scoring.cu)
-#: shifts per tile: kernel name by tile width (chosen from S, see _ScoreLaunch)
-_SHIFT_TILES = {32: "score_tiles", 64: "score_tiles_s64"}
+_TILE = 32  # rotations and pixels per tile of the default kernels (LR_TJ, LR_TP)
+#: scoring kernel variants: name -> (kernel, rotations per tile, shifts per tile);
+#: the host uses "s32" for S <= 32, else "s64" (see _ScoreLaunch)
+VARIANTS = {
+    "s32": ("score_tiles", 32, 32),
+    "s64": ("score_tiles_s64", 32, 64),
+    "j64_s64": ("score_tiles_j64_s64", 64, 64),
+}
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -73,7 +78,7 @@ def byte_count(
     per rotation tile, and the scores written: a lower bound on DRAM traffic
     (the 8-corner gathers are mostly served by L1/L2).
     """
-    tiles_j = -(-n_rot // _TILE)
+    tiles_j = -(-n_rot // _TILE)  # Z is read once per 32-rotation tile (s32, s64)
     return (
         float(n_volume_bytes)
         + m * tiles_j * (4.0 * npix + 8.0 * n_shift * npix)
@@ -260,19 +265,19 @@ class _ScoreLaunch:
         shifts_px,
         rs,
         r_max_px,
-        shift_tile: int | None = None,
+        variant: str | None = None,
     ):
         from pycuda import gpuarray
 
         b, n = images_f.shape[:2]
         self.b, self.n = b, n
         self.n_rot, self.n_shift = rotations.shape[1], shifts_px.shape[1]
-        if shift_tile is None:
-            shift_tile = 64 if self.n_shift > 32 else 32
-        self.shift_tile = shift_tile
+        if variant is None:
+            variant = "s64" if self.n_shift > 32 else "s32"
+        kernel, self.rot_tile, self.shift_tile = VARIANTS[variant]
         module = load_kernels("scoring.cu")
         self._phase_table = module.get_function("phase_table")
-        self._score_tiles = module.get_function(_SHIFT_TILES[shift_tile])
+        self._score_tiles = module.get_function(kernel)
         self.c, self.padding = projector.c, projector.padding
         self.vol = device_volume(projector)
         flat, mult, shell, self.kx_g, self.ky_g, _ = _pixels(n, r_max_px)
@@ -305,7 +310,7 @@ class _ScoreLaunch:
             self.kx_g, self.ky_g, self.w1_g, self.z_g,
             np.int32(self.n_shift), np.int32(self.npix), self.out_g,
             block=(16, 16, 1),
-            grid=(-(-self.n_rot // _TILE), -(-self.n_shift // self.shift_tile), self.b),
+            grid=(-(-self.n_rot // self.rot_tile), -(-self.n_shift // self.shift_tile), self.b),
         )  # fmt: skip
         return self.out_g
 

@@ -44,13 +44,13 @@ extern "C" __global__ void phase_table(const float2* __restrict__ y,
     z[((size_t)i * S + s) * npix + p] = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
 }
 
-// score[i, j, s] for a tile of LR_TJ rotations and TS (32 or 64) shifts of
-// particle i; each thread accumulates 2 rotations x TS/16 shifts in registers.
-// grid: (ceil(J / LR_TJ), ceil(S / TS), m); block: (16, 16).
+// score[i, j, s] for a tile of TJ (32 or 64) rotations and TS (32 or 64)
+// shifts of particle i; each thread accumulates TJ/16 rotations x TS/16 shifts
+// in registers. grid: (ceil(J / TJ), ceil(S / TS), m); block: (16, 16).
 // rot: (m, J, 9) row-major A; rshift: (m, J, 2) pixels or NULL; n: box size;
 // sign: of the origin phases (see top);
 // w1: (m, npix); z: (m, S, npix); out: (m, J, S).
-template <int TS>
+template <int TJ, int TS>
 __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, int c,
                                                float padding, const float* __restrict__ rot,
                                                const float* __restrict__ rshift, int n,
@@ -61,25 +61,26 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
                                                const float2* __restrict__ z, int S, int npix,
                                                float* __restrict__ out) {
     constexpr int NS = TS / 16;  // shifts per thread
+    constexpr int NJ = TJ / 16;  // rotations per thread
     const int i = blockIdx.z;
-    const int j0 = blockIdx.x * LR_TJ;
+    const int j0 = blockIdx.x * TJ;
     const int s0 = blockIdx.y * TS;
     if (i >= m || j0 >= J || s0 >= S) return;  // block-uniform guard
 
-    __shared__ float rot_s[LR_TJ][8];  // rows 0, 1 of A and the rotation's origin
-    __shared__ float2 p_s[LR_TP][LR_TJ + 1];
+    __shared__ float rot_s[TJ][8];  // rows 0, 1 of A and the rotation's origin
+    __shared__ float2 p_s[LR_TP][TJ + 1];
     __shared__ float2 z_s[LR_TP][TS + 1];
-    __shared__ float a_s[LR_TJ];
+    __shared__ float a_s[TJ];
 
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int t = ty * 16 + tx;
     const int lane = t & 31, warp = t >> 5;  // 8 warps
 
-    for (int k = t; k < LR_TJ * 6; k += LR_THREADS) {
+    for (int k = t; k < TJ * 6; k += LR_THREADS) {
         const int jj = k / 6, r = k - 6 * jj;
         rot_s[jj][r] = (j0 + jj < J) ? rot[((size_t)i * J + j0 + jj) * 9 + r] : 0.0f;
     }
-    for (int k = t; k < LR_TJ * 2; k += LR_THREADS) {
+    for (int k = t; k < TJ * 2; k += LR_THREADS) {
         const int jj = k >> 1, r = k & 1;
         rot_s[jj][6 + r] =
             (rshift && j0 + jj < J) ? rshift[((size_t)i * J + j0 + jj) * 2 + r] : 0.0f;
@@ -88,12 +89,14 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
 
     const float* w1i = w1 + (size_t)i * npix;
     const float2* zi = z + (size_t)i * S * npix;
-    float a_acc[LR_TJ / 8];  // |P|^2 term of rotations warp + 8 k
+    float a_acc[TJ / 8];  // |P|^2 term of rotations warp + 8 k
 #pragma unroll
-    for (int k = 0; k < LR_TJ / 8; ++k) a_acc[k] = 0.0f;
-    float acc[2][NS];
+    for (int k = 0; k < TJ / 8; ++k) a_acc[k] = 0.0f;
+    float acc[NJ][NS];
 #pragma unroll
-    for (int q = 0; q < NS; ++q) acc[0][q] = acc[1][q] = 0.0f;
+    for (int h = 0; h < NJ; ++h)
+#pragma unroll
+        for (int q = 0; q < NS; ++q) acc[h][q] = 0.0f;
 
     for (int p0 = 0; p0 < npix; p0 += LR_TP) {
         // slice values: lane -> pixel (neighbouring pixels read neighbouring voxels)
@@ -102,7 +105,7 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
         const float kxp = pin ? kx[p] : 0.0f, kyp = pin ? ky[p] : 0.0f;
         const float w = pin ? w1i[p] : 0.0f;
 #pragma unroll
-        for (int k = 0; k < LR_TJ / 8; ++k) {
+        for (int k = 0; k < TJ / 8; ++k) {
             const int jj = warp + 8 * k;
             float2 v = make_float2(0.0f, 0.0f);
             if (pin && j0 + jj < J) {
@@ -129,19 +132,21 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
         __syncthreads();
 #pragma unroll 8
         for (int pp = 0; pp < LR_TP; ++pp) {
-            const float2 pa = p_s[pp][ty], pb = p_s[pp][ty + 16];
+            float2 ph[NJ];
+#pragma unroll
+            for (int h = 0; h < NJ; ++h) ph[h] = p_s[pp][ty + 16 * h];
 #pragma unroll
             for (int q = 0; q < NS; ++q) {
                 const float2 zq = z_s[pp][tx + 16 * q];
-                acc[0][q] += pa.x * zq.x - pa.y * zq.y;
-                acc[1][q] += pb.x * zq.x - pb.y * zq.y;
+#pragma unroll
+                for (int h = 0; h < NJ; ++h) acc[h][q] += ph[h].x * zq.x - ph[h].y * zq.y;
             }
         }
         __syncthreads();
     }
     // |P|^2 terms: reduce over the 32 pixels (lanes) of each warp
 #pragma unroll
-    for (int k = 0; k < LR_TJ / 8; ++k) {
+    for (int k = 0; k < TJ / 8; ++k) {
         float v = a_acc[k];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -150,7 +155,7 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
     __syncthreads();
     float* outi = out + (size_t)i * J * S;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < NJ; ++h) {
         const int j = j0 + ty + 16 * h;
 #pragma unroll
         for (int q = 0; q < NS; ++q) {
@@ -168,7 +173,7 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
             const float* __restrict__ ky, const float* __restrict__ w1,
             const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
     if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<32>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+    lr_score_tiles<32, 32>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
 }
 
 // Tiles of 64 shifts: each slice value serves twice as many shifts (S > 32).
@@ -179,5 +184,18 @@ score_tiles_s64(const float2* __restrict__ vol, int c, float padding,
                 const float* __restrict__ ky, const float* __restrict__ w1,
                 const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
     if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+    lr_score_tiles<32, 64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+// Tiles of 64 rotations x 64 shifts (4 x 4 outputs per thread): each Z value
+// serves twice as many rotations; fewer blocks (more registers per thread).
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 1)
+score_tiles_j64_s64(const float2* __restrict__ vol, int c, float padding,
+                    const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                    float sign, int m, int J, const float* __restrict__ kx,
+                    const float* __restrict__ ky, const float* __restrict__ w1,
+                    const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64, 64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix,
+                           out);
 }
