@@ -275,14 +275,7 @@ class FourierProjector:
         limit2 = (self.padding * self.r_max_px) ** 2 * (1 + 1e-9)  # rounding slack
         outside = np.einsum("...i,...i->...", q, q) > limit2
         q = np.where(outside[..., None], 0.0, q)
-        index, weight, conj = trilinear_corners(q, self.c, self.data.shape)
-        flat = self.data.reshape(-1)
-        wdt = np.float32 if self.dtype == np.complex64 else np.float64
-        weight = weight.astype(wdt)
-        value = flat[index[0]] * weight[0]
-        for j in range(1, 8):
-            value += flat[index[j]] * weight[j]
-        value = np.where(conj, np.conj(value), value)
+        value = self._interpolate(q)
         value[outside] = 0
         return value
 
@@ -302,7 +295,64 @@ class FourierProjector:
         -------
         ndarray, shape (m, P), complex64 (complex128 for a float64 map)
         """
-        return self.sample(slice_coordinates(rotations, kx, ky))
+        rotations = np.asarray(rotations)
+        kx = np.asarray(kx, dtype=np.float64)
+        ky = np.asarray(ky, dtype=np.float64)
+        if kx.size and np.max(kx * kx + ky * ky) > self.r_max_px**2:
+            return self.sample(slice_coordinates(rotations, kx, ky))
+        # fast path (every pixel within r_max, so every slice point is too, the
+        # rotations being orthogonal): padded coordinates straight from the
+        # rotation rows (float64), no outside test
+        a = rotations.astype(np.float64, copy=False)
+        px, py = kx * self.padding, ky * self.padding
+        q = px[None, :, None] * a[:, None, 0, :] + py[None, :, None] * a[:, None, 1, :]
+        return self._interpolate(q)  # (m, P)
+
+    def _interpolate(self, q: np.ndarray) -> np.ndarray:
+        """Trilinear values at padded coordinates ``q`` (..., 3), ``|q| <= c``.
+
+        The same interpolation as :func:`trilinear_corners` (clipped corners,
+        Friedel mirror for ``x < 0``), as nested linear interpolations on x,
+        then y, then z, with int32 indices; coordinates in float64, the
+        fractions and values in the map's precision.
+        """
+        shape = self.data.shape
+        c = self.c
+        conj = q[..., 0] < 0
+        q = np.where(conj[..., None], -q, q)
+        fl = np.floor(q)
+        real = np.float32 if self.dtype == np.complex64 else np.float64
+        f = (q - fl).astype(real)  # (..., 3)
+        i = fl.astype(np.int32)
+        ix = np.clip(i[..., 0], 0, shape[2] - 2)
+        iy = np.clip(i[..., 1] + c, 0, shape[1] - 2)
+        iz = np.clip(i[..., 2] + c, 0, shape[0] - 2)
+        sy, sz = shape[2], shape[1] * shape[2]
+        base = iz * np.int32(sz) + iy * np.int32(sy) + ix
+        flat = self.data.reshape(-1)
+        fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+
+        def along_x(offset: int) -> np.ndarray:
+            v0 = flat.take(base + np.int32(offset))
+            v1 = flat.take(base + np.int32(offset + 1))
+            v1 -= v0
+            v1 *= fx
+            v1 += v0
+            return v1
+
+        def lerp(v0: np.ndarray, v1: np.ndarray, t: np.ndarray) -> np.ndarray:
+            v1 -= v0
+            v1 *= t
+            v1 += v0
+            return v1
+
+        v = lerp(
+            lerp(along_x(0), along_x(sy), fy),
+            lerp(along_x(sz), along_x(sz + sy), fy),
+            fz,
+        )
+        np.conjugate(v, out=v, where=conj)
+        return v
 
     def project(
         self,
