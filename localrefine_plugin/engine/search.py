@@ -547,6 +547,25 @@ def _kept(lower, upper, sc, rot_cells, shift_cells, caps):
     return out
 
 
+def _stage_caps(caps, r_max: float, next_radius: float):
+    """Rotation cap scaled by the next stage's pixel count: ``cap (r_max / r_next)^2``.
+
+    The children of the kept cells are scored at the next stage's radius, so
+    the cost of a stage is about (kept cells) x (pixels within ``r_next``): the
+    scaled caps give every stage the cost of the finest one, and keep many
+    more cells at the coarse stages, where the low radius and the large cells
+    make the bounds least selective. (On the 1HZH Fab data with the true map as
+    reference, 0.5 deg leaves, the fixed cap of 16 lost the best leaf for a
+    third of the particles: median error 2.96 deg against 2.08 without the cap;
+    scaled, 2.16 deg at 1.4x the time.) The shift cap is not scaled: the grid
+    is a product, so it would multiply the cost.
+    """
+    rot_cap, shift_cap = caps
+    if rot_cap is not None:
+        rot_cap = int(round(rot_cap * (r_max / next_radius) ** 2))
+    return rot_cap, shift_cap
+
+
 def _search_batch(
     projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
 ) -> SearchResult:
@@ -597,7 +616,12 @@ def _search_batch(
             np.inf,
         )  # (m, J, S)
         kept = _kept(
-            lower, upper + cfg["slack"], sc, rot_cells, shift_cells, cfg["caps"]
+            lower,
+            upper + cfg["slack"],
+            sc,
+            rot_cells,
+            shift_cells,
+            _stage_caps(cfg["caps"], cfg["r_max"], stages[t + 1].radius_px),
         )
         rot_cells = [
             subdivide_rotations(
