@@ -474,7 +474,12 @@ def main(argv=None) -> int:
     work = work.resolve()
     try:
         data = prepare_dataset(args, work)
-        results = {"consensus": evaluate_run(data["consensus"], None, None, None, data)}
+        # The input: consensus poses, and the consensus map both programs start from.
+        results = {
+            "consensus": evaluate_run(
+                data["consensus"], data["reference"], None, None, data
+            )
+        }
         results["load_average_start"] = load_average()
         if not args.skip_ours:
             out = work / "ours"
