@@ -96,7 +96,9 @@ def _check_common(images_f, ctf, inv_sigma2, r_max_px):
 def _project(projector, rotations: np.ndarray, kx, ky) -> np.ndarray:
     """Projections (rows, P) complex128 at the pixels, in chunks of rows."""
     rows = rotations.shape[0]
-    out = np.empty((rows, kx.size), dtype=np.complex128)
+    # the projector's precision (complex64 for a float32 map): no upcast
+    dtype = np.result_type(getattr(projector, "dtype", np.complex128), np.complex64)
+    out = np.empty((rows, kx.size), dtype=dtype)
     step = max(1, _CHUNK_ELEMENTS // max(kx.size, 1))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -199,17 +201,23 @@ def _score_block(
     d = w * c * x  # (m, P)
 
     proj = _project(projector, rotations.reshape(m * n_rot, 3, 3), kx, ky)
-    proj = proj.reshape(m, n_rot, -1)  # (m, J, P)
+    proj = proj.reshape(m, n_rot, -1)  # (m, J, P), the projector's precision
+    re = proj.real.astype(np.float64)
+    im = proj.imag.astype(np.float64)
     if rs is not None:
-        proj *= np.exp((2j * np.pi / n) * (rs[..., 0:1] * kx + rs[..., 1:2] * ky))
-    power = proj.real**2 + proj.imag**2  # (m, J, P)
+        # fulcrum phase exp(i theta) as real cos/sin (cheaper than a complex exp),
+        # float64 so that a pose scores the same with or without the fulcrum term
+        theta = (2 * np.pi / n) * (rs[..., 0:1] * kx + rs[..., 1:2] * ky)  # (m, J, P)
+        cos, sin = np.cos(theta), np.sin(theta)
+        re, im = re * cos - im * sin, re * sin + im * cos
+    power = re * re + im * im  # (m, J, P)
     sq = 0.5 * np.einsum("mjp,mp->mj", power, a)  # (m, J)
 
     phase = np.exp(
         (-2j * np.pi / n) * (shifts_px[..., 0:1] * kx + shifts_px[..., 1:2] * ky)
     )  # (m, S, P): moves the image content by +origin
     g = d[:, None, :] * phase  # (m, S, P)
-    p_cat = np.concatenate([proj.real, proj.imag], axis=-1)  # (m, J, 2P)
+    p_cat = np.concatenate([re, im], axis=-1)  # (m, J, 2P)
     g_cat = np.concatenate([g.real, g.imag], axis=-1)  # (m, S, 2P)
     cross = np.matmul(p_cat, g_cat.transpose(0, 2, 1))  # (m, J, S)
     return sq[:, :, None] - cross
