@@ -11,7 +11,11 @@ unless ``--keep``):
 
 1. ``localrefine simulate``: a flexible-domain dataset (built-in model or a PDB
    with ``--region``): consensus poses, the region's true poses and map.
-   Reused when ``sim/truth.star`` exists.
+   Reused when ``sim/truth.star`` exists. The consensus map is reconstructed
+   from the particles at their consensus poses (``localrefine reconstruct``,
+   half maps too) unless ``--consensus-map model`` (the simulation's
+   noise-free map: inside the mask it is the truth itself, so both programs
+   would start from the answer low-passed).
 2. ``localrefine subtract --recenter --new-box``: the signal outside the region
    mask removed, the mask's centre moved to the box centre and the box cropped.
    RELION rotates about the box centre, so re-centring is what an expert does
@@ -162,9 +166,23 @@ def prepare_dataset(args: argparse.Namespace, work: Path) -> dict:
         run_timed(cmd, cwd=work, log_path=work / "simulate.log")
     else:
         log.info("reusing the simulated dataset in %s", sim)
+    reference, half_maps = sim / "map.mrc", []
+    if args.consensus_map == "reconstructed":
+        # As in practice: the consensus map is reconstructed from the particles
+        # at their consensus poses (the region blurred by its motion), one half
+        # map per rlnRandomSubset; not the simulation's noise-free model map.
+        recon = work / "consensus"
+        if not (recon / "map.mrc").is_file():
+            cmd = ["localrefine", "reconstruct", "--particles"]
+            cmd += [str(sim / "particles.star"), "--output", str(recon)]
+            run_timed(cmd, cwd=work, log_path=work / "reconstruct.log")
+        reference = recon / "map.mrc"
+        half_maps = [str(recon / "half_map_1.mrc"), str(recon / "half_map_2.mrc")]
     if not (sub / "particles.star").is_file():
         cmd = ["localrefine", "subtract", "--particles", str(sim / "particles.star")]
-        cmd += ["--reference", str(sim / "map.mrc")]
+        cmd += ["--reference", str(reference)]
+        if half_maps:
+            cmd += ["--half-maps", *half_maps]
         cmd += ["--mask", str(sim / "region_mask.mrc"), "--output", str(sub)]
         cmd += ["--recenter", "--new-box", str(args.new_box)]
         run_timed(cmd, cwd=work, log_path=work / "subtract.log")
@@ -435,6 +453,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--motion-rotation", type=float, default=5.0, help="deg (sd)")
     p.add_argument("--motion-shift", type=float, default=2.0, help="A (rms)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--consensus-map",
+        choices=("reconstructed", "model"),
+        default="reconstructed",
+        help="reference of both programs (and of the subtraction): reconstructed "
+        "from the particles at the consensus poses, or the simulation's noise-free "
+        "model map (the truth at the consensus position: optimistic)",
+    )
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-relion", action="store_true")
     p.add_argument(
