@@ -87,7 +87,9 @@ def simulate(n: int, m: int, snr: float, seed: int):
     )
 
 
-def run_box(n: int, m: int, *, snr: float, seed: int, r_max_fraction: float) -> dict:
+def run_box(
+    n: int, m: int, *, snr: float, seed: int, r_max_fraction: float, threads: int
+) -> dict:
     projector, x, ctf, inv, truth, origins, cons, cons_o, fulcrum = simulate(
         n, m, snr, seed
     )
@@ -102,6 +104,8 @@ def run_box(n: int, m: int, *, snr: float, seed: int, r_max_fraction: float) -> 
         shift_resolution_px=0.25,
         r_max_px=r_max,
     )
+    if threads > 1:
+        kw["threads"] = threads  # (absent from older versions, for comparisons)
     local_search(
         projector,
         x[:2],
@@ -142,23 +146,30 @@ def main(argv=None) -> int:
         help="scoring radius as a fraction of Nyquist (default: %(default)s)",
     )
     p.add_argument("--profile", action="store_true", help="cProfile each box")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="local_search threads, one run each (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     print(
-        "box  r_max  particles/s  poses/particle  angle err deg (before -> after)"
+        "box  threads  r_max  particles/s  poses/particle  angle err deg (before -> after)"
         "  shift err px (before -> after)  load(1 min)"
     )
-    for n in args.boxes:
+    for n, threads in ((n, t) for n in args.boxes for t in args.threads):
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
         r = run_box(
             n, args.n_particles, snr=args.snr, seed=args.seed,
-            r_max_fraction=args.r_max_fraction,
+            r_max_fraction=args.r_max_fraction, threads=threads,
         )  # fmt: skip
         if prof:
             prof.disable()
         print(
-            f"{r['box']:4d} {r['r_max_px']:5.0f} {r['particles_per_s']:12.2f} "
+            f"{r['box']:4d} {threads:8d} {r['r_max_px']:5.0f} {r['particles_per_s']:12.2f} "
             f"{r['poses_per_particle']:15.0f}   {r['angle_before_deg']:.2f} -> "
             f"{r['angle_after_deg']:.2f}                  {r['shift_before_px']:.2f} -> "
             f"{r['shift_after_px']:.2f}                   {r['load_1min']:.1f}",

@@ -509,3 +509,27 @@ def test_cauchy_schwarz_bound_prunes_less_and_finds_at_least_as_good(rng):
     # particle); Cauchy-Schwarz is the looser, so it keeps more cells
     assert np.all(rigorous.n_evaluated >= gauss.n_evaluated)
     assert np.all(rigorous.scores <= gauss.scores + 1e-9 * np.abs(gauss.scores).max())
+
+
+def test_threads_give_the_same_result(rng):
+    n, m = 40, 6
+    projector, rot, orig, ctf, images_f, inv_sigma2 = _simulate(n, m, 0.5, rng)
+    fulcrum = np.array([2.0, 1.0, -1.0])
+    cons, cons_orig, _, _ = _perturb(rng, rot, orig, fulcrum, 2.0, 0.5)
+    kw = dict(
+        consensus_rotations=cons,
+        consensus_origins_px=cons_orig,
+        fulcrum_px=fulcrum,
+        rotation_extent_deg=4.0,
+        shift_extent_px=1.0,
+        alignment_resolution_deg=1.0,
+        r_max_px=12.0,
+        batch_size=2,
+    )
+    one = local_search(projector, images_f, ctf, inv_sigma2, **kw)
+    two = local_search(projector, images_f, ctf, inv_sigma2, threads=2, **kw)
+    np.testing.assert_array_equal(one.rotations, two.rotations)
+    np.testing.assert_array_equal(one.origins_px, two.origins_px)
+    np.testing.assert_array_equal(one.scores, two.scores)
+    np.testing.assert_array_equal(one.n_evaluated, two.n_evaluated)
+    assert np.median(geodesic_angle_deg(one.rotations, rot)) < 1.5

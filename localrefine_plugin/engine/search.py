@@ -98,6 +98,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -310,6 +311,7 @@ def local_search(
     max_shift_cells: int | None = 8,
     prescreen: bool = True,
     batch_size: int = 8,
+    threads: int = 1,
 ) -> SearchResult:
     """Best pose of each particle near its consensus pose (branch and bound).
 
@@ -360,6 +362,9 @@ def local_search(
         Pre-screen the leaves at half the radius (module docstring).
     batch_size : int
         Particles scored together.
+    threads : int
+        Batches searched in parallel (Python threads; NumPy releases the GIL
+        in the projections and products). The result does not depend on it.
 
     Returns
     -------
@@ -429,21 +434,28 @@ def local_search(
             np.zeros((0, k)),
             np.zeros((0, k)),
         )
-    parts = []
-    for start in range(0, m, batch_size):
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1; got {threads}")
+
+    def run(start: int) -> SearchResult:
         sl = slice(start, min(start + batch_size, m))
-        parts.append(
-            _search_batch(
-                projector,
-                images_f[sl],
-                ctf[sl],
-                inv_sigma2[sl],
-                a_cons[sl],
-                o_cons[sl],
-                stages,
-                settings,
-            )
+        return _search_batch(
+            projector,
+            images_f[sl],
+            ctf[sl],
+            inv_sigma2[sl],
+            a_cons[sl],
+            o_cons[sl],
+            stages,
+            settings,
         )
+
+    starts = range(0, m, batch_size)
+    if int(threads) > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=int(threads)) as pool:
+            parts = list(pool.map(run, starts))  # in batch order
+    else:
+        parts = [run(start) for start in starts]
     return SearchResult(
         *(
             np.concatenate([getattr(p, f.name) for p in parts])
