@@ -123,6 +123,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: padded / valid poses of a batch above which the CPU scores particles one by one
+_MAX_PADDING = 1.25
+
 #: exponent of the rotation cap's growth at coarse stages (:func:`_stage_caps`)
 _CAP_EXPONENT = 1.0
 
@@ -491,16 +494,38 @@ def _score_grid(
     tv_eval = clip_to_extent(tv, cfg["shift_ext"])
     rot, origins = candidate_poses(a_cons, o_cons, cfg["fulcrum"], rv_eval, tv_eval)
     rot_shift = origins[:, :, 0, :] - tv_eval[:, None, 0, :] - o_cons[:, None, :]
-    e = cfg["score_fn"](
-        projector,
-        x,
-        ctf,
-        inv_sigma2,
-        rot,
-        o_cons[:, None, :] + tv_eval,
-        r_max_px=radius,
-        rotation_shifts_px=rot_shift,
-    )  # (m, J, S)
+    shifts = o_cons[:, None, :] + tv_eval  # (m, S, 2)
+    n_rot = rvalid.sum(axis=1)  # (m,)
+    n_shift = tvalid.sum(axis=1)
+    padded = m * rv.shape[1] * tv.shape[1] / max(int((n_rot * n_shift).sum()), 1)
+    if cfg["score_fn"] is score_poses and padded > _MAX_PADDING:
+        # uneven cell counts (typically the leaves): score each particle's own
+        # grid rather than the padded product (CPU; one call per particle costs
+        # little at these sizes, and a GPU replacement keeps the padded batch)
+        e = np.zeros((m, rv.shape[1], tv.shape[1]))
+        for i in range(m):
+            j, k = int(n_rot[i]), int(n_shift[i])
+            e[i, :j, :k] = score_poses(
+                projector,
+                x[i : i + 1],
+                ctf[i : i + 1],
+                inv_sigma2[i : i + 1],
+                rot[i : i + 1, :j],
+                shifts[i : i + 1, :k],
+                r_max_px=radius,
+                rotation_shifts_px=rot_shift[i : i + 1, :j],
+            )[0]
+    else:
+        e = cfg["score_fn"](
+            projector,
+            x,
+            ctf,
+            inv_sigma2,
+            rot,
+            shifts,
+            r_max_px=radius,
+            rotation_shifts_px=rot_shift,
+        )  # (m, J, S)
     prior_r = _prior(np.linalg.norm(rv_eval, axis=-1), cfg["prior_rot"])  # (m, J)
     prior_s = _prior(np.linalg.norm(tv_eval, axis=-1), cfg["prior_shift"])  # (m, S)
     valid = rvalid[:, :, None] & tvalid[:, None, :]
