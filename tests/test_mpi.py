@@ -31,6 +31,7 @@ from localrefine_plugin.engine.parallel import (
     launched_by_mpi,
     share_indices,
 )
+from localrefine_plugin.engine.reconstruct import release_stack_pages
 from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
 from localrefine_plugin.engine.star import read_star, write_star
 
@@ -113,6 +114,7 @@ def test_allreduce_sums_in_rank_order(mpirun, tmp_path):
     script = tmp_path / "reduce.py"
     script.write_text(
         "import sys, numpy as np\n"
+        "from pathlib import Path\n"
         "from localrefine_plugin.engine import parallel\n"
         "parallel.REDUCE_CHUNK_BYTES = 1000\n"
         "comm = parallel.get_comm()\n"
@@ -126,18 +128,19 @@ def test_allreduce_sums_in_rank_order(mpirun, tmp_path):
         "    want = want + part(r)\n"
         "k = comm.allreduce_sum(np.array([comm.rank + 1], dtype=np.int64))\n"
         "ok = np.array_equal(x, want) and k[0] == comm.size * (comm.size + 1) // 2\n"
-        "print(f'rank {comm.rank} of {comm.size} ok={ok}')\n"
+        "out = Path(sys.argv[1]) / f'rank{comm.rank}.txt'\n"
+        "out.write_text(f'rank {comm.rank} of {comm.size} ok={ok}')\n"
     )
     run = subprocess.run(
-        _mpi_command(mpirun, 3, str(script)),
+        _mpi_command(mpirun, 3, str(script), str(tmp_path)),
         env=_mpi_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank"))
-    assert lines == [f"rank {r} of 3 ok=True" for r in range(3)], run.stdout
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    assert lines == [f"rank {r} of 3 ok=True" for r in range(3)], run.stderr[-3000:]
 
 
 def _two_stacks(data: dict) -> None:
@@ -293,3 +296,45 @@ def test_killed_rank_then_continue_ends_like_an_uninterrupted_run(
     assert "continuing after iteration" in resumed.stderr
     figures = _assert_same_run(out, two_rank_run[0])
     record_property("resumed_vs_uninterrupted", figures)
+
+
+# -- bounded memory --------------------------------------------------------------------
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status (not Linux)")
+
+
+def test_streamed_stack_pages_do_not_stay_resident(tmp_path):
+    """Reading a 64 MiB stack batch by batch leaves < 8 MiB of it mapped in this process."""
+    n, box = 1024, 128  # 64 MiB of float32
+    path = tmp_path / "big.mrcs"
+    with mrc_io.StackWriter(path, n, box, 2.0) as writer:
+        for start in range(0, n, 256):
+            writer.write(start, np.full((256, box, box), start, dtype=np.float32))
+    parts = particles_mod.make_particles(
+        image_refs=[(path, i) for i in range(n)],
+        rot_deg=np.zeros(n),
+        tilt_deg=np.zeros(n),
+        psi_deg=np.zeros(n),
+        origin_px=np.zeros((n, 2)),
+        ctf=None,
+        pixel_size_a=2.0,
+        box=box,
+        random_subset=np.arange(n) % 2 + 1,
+    )
+
+    def stream(release: bool) -> int:
+        before = _rss_file_kib()
+        for start in range(0, n, 64):
+            images = parts.load_images(np.arange(start, start + 64))
+            assert images[0, 0, 0] == start // 256 * 256  # the right images came back
+            if release:
+                release_stack_pages(parts)
+        return _rss_file_kib() - before
+
+    grown_released = stream(True)
+    grown_kept = stream(False)  # control: without the release the pages stay mapped
+    assert grown_released < 8 * 1024
+    assert grown_kept > 48 * 1024

@@ -181,6 +181,7 @@ def align_particles(
 
         def run(idx: np.ndarray, projector=projector):
             images_f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1)
+            reconstruct.release_stack_pages(particles)
             ctf = _ctf_images(particles, idx)  # (m, N, N//2+1)
             result = search.local_search(
                 projector,
@@ -340,6 +341,7 @@ def estimate_noise(
             _batches(np.flatnonzero(subsets == half), options.batch_size)
         ):
             images_f = image_to_fourier(particles.load_images(idx))
+            reconstruct.release_stack_pages(particles)
             pred = forward_model(
                 projector,
                 rotations[idx],
