@@ -303,9 +303,9 @@ class FourierProjector:
         # fast path (every pixel within r_max, so every slice point is too, the
         # rotations being orthogonal): padded coordinates straight from the
         # rotation rows (float64), no outside test
-        a = rotations.astype(np.float64, copy=False)
-        px, py = kx * self.padding, ky * self.padding
-        q = px[None, :, None] * a[:, None, 0, :] + py[None, :, None] * a[:, None, 1, :]
+        a = rotations.astype(np.float64, copy=False).reshape(-1, 3, 3)
+        k = np.stack([kx, ky], axis=-1) * self.padding  # (P, 2)
+        q = np.matmul(k, a[:, :2, :])  # (m, P, 3): kx A[0] + ky A[1]
         return self._interpolate(q)  # (m, P)
 
     def _interpolate(self, q: np.ndarray) -> np.ndarray:
