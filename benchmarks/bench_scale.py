@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -178,11 +179,19 @@ def _rss_kib(pid: int) -> tuple[int, int]:
     return anon, file
 
 
-def run_measured(command: list[str]) -> dict:
-    """Run ``command``; wall time, summed /usr/bin/time max RSS, sampled tree peak."""
+def run_measured(command: list[str], time_limit_s: float | None = None) -> dict:
+    """Run ``command``; wall time, summed /usr/bin/time max RSS, sampled tree peak.
+
+    After ``time_limit_s`` the command's process group is terminated and the
+    result is marked incomplete (memory figures then cover the part that ran).
+    """
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     peak = {"total": 0, "anon": 0, "file": 0}
     stop = threading.Event()
@@ -196,11 +205,17 @@ def run_measured(command: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, err = proc.communicate()
+    complete = True
+    try:
+        _, err = proc.communicate(timeout=time_limit_s)
+    except subprocess.TimeoutExpired:
+        complete = False
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
+        _, err = proc.communicate()
     stop.set()
     sampler.join()
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
+    if complete and proc.returncode != 0:
         sys.stderr.write(err[-5000:])
         raise SystemExit(
             f"command failed ({proc.returncode}): {' '.join(command[:6])} ..."
@@ -210,7 +225,7 @@ def run_measured(command: list[str]) -> dict:
         for line in err.splitlines()
         if "Maximum resident set size" in line
     ]
-    return {"wall_s": wall, "maxrss_kib": maxrss, "peak": peak}
+    return {"wall_s": wall, "maxrss_kib": maxrss, "peak": peak, "complete": complete}
 
 
 def main(argv=None) -> int:
@@ -243,6 +258,14 @@ def main(argv=None) -> int:
         help="folder for the data (default: a temporary one)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop each run after S seconds (memory figures then cover the part that "
+        "ran; no rate is printed)",
+    )
     args = parser.parse_args(argv)
 
     time_bin, mpirun = shutil.which("time") or "/usr/bin/time", shutil.which("mpirun")
@@ -297,7 +320,7 @@ def main(argv=None) -> int:
                 # one /usr/bin/time per rank; mpirun itself is in the sampled tree
                 cmd = [mpirun, "--oversubscribe", "-np", str(k), *cmd]
             print(f"running {k} process(es) on {m} particles ...", flush=True)
-            results[k] = run_measured(cmd)
+            results[k] = run_measured(cmd, args.time_limit)
         after = " ".join(f"{v:.1f}" for v in os.getloadavg())
         before = " ".join(f"{v:.1f}" for v in load_before)
         print(f"\nload average before the runs: {before}; after: {after}")
@@ -312,8 +335,9 @@ def main(argv=None) -> int:
         for k, r in results.items():
             per = " ".join(f"{v / 2**20:.2f}" for v in r["maxrss_kib"])
             pk, total = r["peak"], sum(r["maxrss_kib"]) / 2**20
+            rate = f"{m / r['wall_s']:.1f}" if r["complete"] else "stopped"
             print(
-                f"{k:>10} {r['wall_s']:>8.0f} {m / r['wall_s']:>12.1f} {total:>15.2f} "
+                f"{k:>10} {r['wall_s']:>8.0f} {rate:>12} {total:>15.2f} "
                 f"{per:>22} {pk['total'] / 2**20:>14.2f} {pk['anon'] / 2**20:>9.2f} "
                 f"{pk['file'] / 2**20:>9.2f}"
             )
