@@ -168,3 +168,34 @@ def summary_resolution(summary: dict) -> float | None:
         if summary.get(key) is not None:
             return float(summary[key])
     return None
+
+
+class ParticlesVolumeMaskInputs:
+    """Mixin of the protocols whose inputs are particles, a volume (with half maps) and a mask.
+
+    The protocol defines ``inputParticles``, ``inputVolume``, ``inputMask``,
+    ``useHalfMaps`` and the filename templates ``input_star`` and ``input_dir``.
+    """
+
+    def convertInputStep(self, particlesId, volumeId, maskId):
+        """Write the particles as RELION 3.1 STAR and link the maps for the engine.
+
+        The object ids are arguments so that Scipion's "Continue" reruns this
+        step when an input changes.
+        """
+        from localrefine_plugin.convert import link_mrc, write_particles_star
+
+        self._createFilenameTemplates()
+        write_particles_star(self.inputParticles.get(), self._getFileName("input_star"))
+        folder = self._getFileName("input_dir")
+        vol = self.inputVolume.get()
+        link_mrc(vol.getFileName(), folder, name="reference.mrc")
+        if self._useHalfMaps():
+            h1, h2 = list(vol.getHalfMaps(asList=True))[:2]
+            link_mrc(h1, folder, name="reference_half1.mrc")
+            link_mrc(h2, folder, name="reference_half2.mrc")
+        link_mrc(self.inputMask.get().getFileName(), folder, name="mask.mrc")
+
+    def _useHalfMaps(self) -> bool:
+        vol = self.inputVolume.get()
+        return bool(self.useHalfMaps.get() and vol is not None and vol.hasHalfMaps())

@@ -21,12 +21,11 @@ from localrefine_plugin.constants import (
     FULCRUM_MASK,
 )
 from localrefine_plugin.convert import (
-    link_mrc,
     update_particles_from_star,
-    write_particles_star,
 )
 
 from ._common import (
+    ParticlesVolumeMaskInputs,
     args_line,
     check_mrc,
     check_volume_against,
@@ -45,7 +44,7 @@ class LocalRefineOutputs(enum.Enum):
     outputParticles = SetOfParticles
 
 
-class ProtLocalRefine(ProtRefine3D):
+class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
     """Local refinement of a masked region (cryoSPARC-style, branch and bound).
 
     Every particle is re-aligned only near its consensus pose (within the
@@ -295,18 +294,6 @@ class ProtLocalRefine(ProtRefine3D):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     # --------------------------- STEPS functions ----------------------------
-    def convertInputStep(self, particlesId, volumeId, maskId):
-        self._createFilenameTemplates()
-        write_particles_star(self.inputParticles.get(), self._getFileName("input_star"))
-        folder = self._getFileName("input_dir")
-        vol = self.inputVolume.get()
-        link_mrc(vol.getFileName(), folder, name="reference.mrc")
-        if self._useHalfMaps():
-            h1, h2 = list(vol.getHalfMaps(asList=True))[:2]
-            link_mrc(h1, folder, name="reference_half1.mrc")
-            link_mrc(h2, folder, name="reference_half2.mrc")
-        link_mrc(self.inputMask.get().getFileName(), folder, name="mask.mrc")
-
     def refineStep(self, argsLine):
         self._createFilenameTemplates()
         from localrefine_plugin import Plugin
@@ -529,10 +516,6 @@ class ProtLocalRefine(ProtRefine3D):
         if not self._wantsGpu():
             return "cpu"
         return "auto" if self._cpuFallback() else "cuda"
-
-    def _useHalfMaps(self) -> bool:
-        vol = self.inputVolume.get()
-        return bool(self.useHalfMaps.get() and vol is not None and vol.hasHalfMaps())
 
     def _fulcrumText(self) -> str:
         if self.fulcrum.get() == FULCRUM_CUSTOM:

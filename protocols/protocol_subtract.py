@@ -11,12 +11,15 @@ from pwem.protocols import ProtOperateParticles
 from pyworkflow import BETA
 
 from localrefine_plugin.convert import (
-    link_mrc,
     update_particles_from_star,
-    write_particles_star,
 )
 
-from ._common import args_line, check_mrc, check_volume_against
+from ._common import (
+    ParticlesVolumeMaskInputs,
+    args_line,
+    check_mrc,
+    check_volume_against,
+)
 
 
 class SubtractOutputs(enum.Enum):
@@ -25,7 +28,7 @@ class SubtractOutputs(enum.Enum):
     outputMask = VolumeMask
 
 
-class ProtLocalRefineSubtract(ProtOperateParticles):
+class ProtLocalRefineSubtract(ParticlesVolumeMaskInputs, ProtOperateParticles):
     """Subtract the reference's signal outside a mask from each particle.
 
     For each particle the projection (at its pose, origin and CTF) of the
@@ -125,18 +128,6 @@ class ProtLocalRefineSubtract(ProtOperateParticles):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     # --------------------------- STEPS functions ----------------------------
-    def convertInputStep(self, particlesId, volumeId, maskId):
-        self._createFilenameTemplates()
-        write_particles_star(self.inputParticles.get(), self._getFileName("input_star"))
-        folder = self._getFileName("input_dir")
-        vol = self.inputVolume.get()
-        link_mrc(vol.getFileName(), folder, name="reference.mrc")
-        if self._useHalfMaps():
-            h1, h2 = list(vol.getHalfMaps(asList=True))[:2]
-            link_mrc(h1, folder, name="reference_half1.mrc")
-            link_mrc(h2, folder, name="reference_half2.mrc")
-        link_mrc(self.inputMask.get().getFileName(), folder, name="mask.mrc")
-
     def subtractStep(self, argsLine):
         from localrefine_plugin import Plugin
 
@@ -241,10 +232,6 @@ class ProtLocalRefineSubtract(ProtOperateParticles):
 
     def _getArgsLine(self) -> str:
         return args_line("subtract", self._getArgs())
-
-    def _useHalfMaps(self) -> bool:
-        vol = self.inputVolume.get()
-        return bool(self.useHalfMaps.get() and vol is not None and vol.hasHalfMaps())
 
     def _reboxed(self) -> bool:
         return bool(self.recenter.get() or self.newBox.get())
