@@ -105,7 +105,8 @@ def load_workflow_template(values: dict[str, object], *, subtract: bool = True) 
     values : dict
         Template field alias -> value (``particles``, ``map``, ``region``,
         ``apix``, ``soft_edge``, ``rotation_extent``, ``shift_extent``,
-        ``initial_lowpass``, ``max_iterations``, ``threads``). Paths must exist.
+        ``initial_lowpass``, ``max_iterations``, ``threads``, ``prior_rotation``,
+        ``prior_shift``). Paths must exist.
     subtract : bool
         Keep the signal subtraction step; without it the refinement takes the
         imported particles.
@@ -184,8 +185,10 @@ def run_demo_workflow(
     pixel_size_a: float,
     max_iterations: int,
     seed: int,
-    rotation_extent_deg: float = 4.0,
+    rotation_extent_deg: float = 8.0,
     shift_extent_px: float = 2.0,
+    prior_sigma_rotation_deg: float = 3.0,
+    prior_sigma_shift_a: float = 3.0,
     subtract: bool | None = None,
 ) -> dict:
     """Simulate a dataset, run the template workflow in a new Scipion project, evaluate.
@@ -225,8 +228,8 @@ def run_demo_workflow(
         box=box,
         pixel_size_a=pixel_size_a,
         snr=0.5,
-        motion_rotation_deg=3.0,
-        motion_shift_a=1.5,
+        motion_rotation_deg=5.0,
+        motion_shift_a=2.0,
         seed=seed,
     )
     protocols = load_workflow_template(
@@ -237,6 +240,8 @@ def run_demo_workflow(
             "apix": pixel_size_a,
             "rotation_extent": rotation_extent_deg,
             "shift_extent": shift_extent_px,
+            "prior_rotation": prior_sigma_rotation_deg,
+            "prior_shift": prior_sigma_shift_a,
             "initial_lowpass": max(8.0, 3 * pixel_size_a),
             "max_iterations": max_iterations,
             "threads": 2,
@@ -321,7 +326,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-particles",
         type=int,
-        default=200,
+        default=300,
         help="simulated particles (default: %(default)s)",
     )
     parser.add_argument(
@@ -343,7 +348,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rotation-extent",
         type=float,
-        default=4.0,
+        default=8.0,
         help="rotation search extent in degrees (default: %(default)s)",
     )
     parser.add_argument(
