@@ -321,6 +321,8 @@ def main(argv=None) -> int:
                 cmd = [mpirun, "--oversubscribe", "-np", str(k), *cmd]
             print(f"running {k} process(es) on {m} particles ...", flush=True)
             results[k] = run_measured(cmd, args.time_limit)
+            log_lines = (out / "refine.log").read_text().splitlines()
+            results[k]["last_log"] = log_lines[-1] if log_lines else "(empty log)"
         after = " ".join(f"{v:.1f}" for v in os.getloadavg())
         before = " ".join(f"{v:.1f}" for v in load_before)
         print(f"\nload average before the runs: {before}; after: {after}")
@@ -341,9 +343,16 @@ def main(argv=None) -> int:
                 f"{per:>22} {pk['total'] / 2**20:>14.2f} {pk['anon'] / 2**20:>9.2f} "
                 f"{pk['file'] / 2**20:>9.2f}"
             )
-        worst = max(sum(r["maxrss_kib"]) for r in results.values()) / 2**20
+        for k, r in results.items():
+            print(f"{k} process(es), last log line: {r['last_log']}")
+        worst = (
+            max(max(sum(r["maxrss_kib"]), r["peak"]["total"]) for r in results.values())
+            / 2**20
+        )
         verdict = "under" if worst < 4 else "OVER"
-        print(f"peak memory (maxrss_sum, worst run): {worst:.2f} GiB: {verdict} 4 GiB")
+        print(
+            f"peak memory (worst run, larger of both figures): {worst:.2f} GiB: {verdict} 4 GiB"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
