@@ -527,9 +527,7 @@ def main(argv=None) -> int:
                 data,
             )
             summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-            r["own_resolution_a"] = summary.get(
-                "resolution_a", summary.get("resolution_A")
-            )
+            r["own_resolution_a"] = summary.get("resolution_A")
             r["iterations"] = summary.get("iterations")
             r["wall_seconds"] = seconds
             r["load_average_after"] = load_average()

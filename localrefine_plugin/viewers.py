@@ -66,10 +66,8 @@ def draw_resolution_per_iteration(ax, summary_json) -> None:
 
 
 def _resolution_of(item: dict) -> float:
-    for key in ("resolution_A", "resolution_a", "resolution"):
-        if item.get(key) is not None:
-            return float(item[key])
-    return float("nan")
+    value = item.get("resolution_A")
+    return float("nan") if value is None else float(value)
 
 
 def pose_changes(input_star, output_star) -> tuple[np.ndarray, np.ndarray]:

@@ -130,13 +130,8 @@ def read_fsc_csv(path) -> dict[str, list[float]]:
 
 
 def iteration_history(summary: dict) -> list[dict]:
-    """The per-iteration list of ``summary.json`` whatever its key is called."""
-    for key in ("per_iteration", "iterations_detail", "history", "iteration_log"):
-        value = summary.get(key)
-        if isinstance(value, list):
-            return value
-    value = summary.get("iterations")
-    return value if isinstance(value, list) else []
+    """The per-iteration records of ``summary.json`` (``per_iteration``)."""
+    return list(summary.get("per_iteration", []))
 
 
 def args_line(command: str, args: dict) -> str:
@@ -162,12 +157,10 @@ def args_line(command: str, args: dict) -> str:
 def summary_resolution(summary: dict) -> float | None:
     """Final resolution (A, masked, corrected, FSC 0.143) of ``summary.json``.
 
-    Issue 3 names the key ``resolution_A``; the engine may write ``resolution_a``.
+    ``None`` when the run did not write one (stopped early).
     """
-    for key in ("resolution_A", "resolution_a"):
-        if summary.get(key) is not None:
-            return float(summary[key])
-    return None
+    value = summary.get("resolution_A")
+    return None if value is None else float(value)
 
 
 class ParticlesVolumeMaskInputs:

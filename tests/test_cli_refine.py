@@ -156,7 +156,7 @@ def test_small_run_writes_consistent_outputs(tmp_path):
     crossing = np.flatnonzero(table[1:, 4] < 0.143)
     assert crossing.size
     shell = crossing[0] + 1
-    assert table[shell, 1] <= summary["resolution_a"] <= table[shell - 1, 1]
+    assert table[shell, 1] <= summary["resolution_A"] <= table[shell - 1, 1]
     half1, px = mrc_io.read_map(out / "half_map_1.mrc")
     half2, _ = mrc_io.read_map(out / "half_map_2.mrc")
     full, _ = mrc_io.read_map(out / "map.mrc")

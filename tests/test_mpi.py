@@ -211,7 +211,7 @@ def _assert_same_run(out: Path, ref: Path) -> dict:
     s1 = json.loads((out / "summary.json").read_text())
     s2 = json.loads((ref / "summary.json").read_text())
     assert s1["iterations"] == s2["iterations"]
-    assert s1["resolution_a"] == pytest.approx(s2["resolution_a"], rel=1e-6)
+    assert s1["resolution_A"] == pytest.approx(s2["resolution_A"], rel=1e-6)
     return figures
 
 

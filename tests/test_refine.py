@@ -254,7 +254,7 @@ def test_outputs_are_complete_and_well_formed(exact_run):
     # summary.json
     summary = json.loads((out / "summary.json").read_text())
     for key in (
-        "resolution_a",
+        "resolution_A",
         "iterations",
         "n_particles",
         "wall_seconds",
@@ -266,12 +266,12 @@ def test_outputs_are_complete_and_well_formed(exact_run):
     assert summary["n_particles"] == 100
     assert summary["iterations"] == len(summary["per_iteration"]) == 2
     assert summary["per_iteration"][-1]["final"] is True
-    assert 2 * PIXEL_A <= summary["resolution_a"] < 30.0
-    assert summary["resolution_a"] == pytest.approx(result.resolution_a)
+    assert 2 * PIXEL_A <= summary["resolution_A"] < 30.0
+    assert summary["resolution_A"] == pytest.approx(result.resolution_a)
     assert summary["options"]["rotation_extent_deg"] == FAST["rotation_extent_deg"]
     for rec in summary["per_iteration"]:
         assert {
-            "resolution_a",
+            "resolution_A",
             "median_rotation_change_deg",
             "median_shift_change_a",
         } <= set(rec)
@@ -310,7 +310,7 @@ def test_continue_equals_uninterrupted(perturbed_runs):
     sa = json.loads((a / "summary.json").read_text())
     sb = json.loads((b / "summary.json").read_text())
     for ra, rb in zip(sa["per_iteration"], sb["per_iteration"], strict=True):
-        assert ra["resolution_a"] == rb["resolution_a"]
+        assert ra["resolution_A"] == rb["resolution_A"]
         assert ra["median_rotation_change_deg"] == rb["median_rotation_change_deg"]
 
 

@@ -122,7 +122,7 @@ def test_local_refinement_recovers_the_moving_fab_arm(structures_dir, tmp_path):
         f"median angular error to the true Fab poses {err_before:.2f} -> {err_after:.2f} deg; "
         f"FSC vs true Fab map at 0.5: {res_before} -> {res_after}; mean FSC 12-6 A "
         f"{fsc_before[high].mean():.3f} -> {fsc_after[high].mean():.3f}; half-map "
-        f"resolution {summary['resolution_a']:.2f} A; data {t_data:.0f} s, refine "
+        f"resolution {summary['resolution_A']:.2f} A; data {t_data:.0f} s, refine "
         f"{t_refine:.0f} s, {summary['iterations']} iterations, "
         f"{summary['poses_evaluated_per_particle']:.0f} poses/particle"
     )

@@ -205,9 +205,9 @@ def _write_refine_outputs(folder: Path, rng) -> tuple[Path, Path]:
         for s, r, f in zip(shells, res, fsc, strict=True)
     ]
     (folder / "fsc.csv").write_text("\n".join(lines) + "\n")
-    per_it = [{"iteration": i + 1, "resolution_a": 9.0 - i} for i in range(3)]
+    per_it = [{"iteration": i + 1, "resolution_A": 9.0 - i} for i in range(3)]
     (folder / "summary.json").write_text(
-        json.dumps({"resolution_a": 7.0, "per_iteration": per_it})
+        json.dumps({"resolution_A": 7.0, "per_iteration": per_it})
     )
 
     def star(path, rot, origin_a):

@@ -285,7 +285,7 @@ class RefinementLoop:
             "final": final,
             "alignment_radius_px": r_max,
             "alignment_limit_a": inp.box * inp.pixel_size_a / r_max,
-            "resolution_a": res.value_a,
+            "resolution_A": res.value_a,
             "resolution_crossed": res.crossed,
             "median_rotation_change_deg": float(np.median(rot_change)),
             "median_shift_change_a": float(np.median(shift_change) * inp.pixel_size_a),
@@ -348,9 +348,9 @@ class RefinementLoop:
         )
         history = ckpt.state["history"]
         summary = {
-            "resolution_a": fsc.resolution_0143.value_a,
+            "resolution_A": fsc.resolution_0143.value_a,
             "resolution_crossed": fsc.resolution_0143.crossed,
-            "resolution_05_a": fsc.resolution_05.value_a,
+            "resolution_05_A": fsc.resolution_05.value_a,
             "iterations": ckpt.iteration,
             "n_particles": inp.particles.n,
             "wall_seconds": ckpt.state["wall_seconds"],
