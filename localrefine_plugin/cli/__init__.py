@@ -15,7 +15,15 @@ import sys
 __all__ = ["COMMANDS", "build_parser", "entry_point"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS: list[str] = ["refine", "mask", "reconstruct", "evaluate", "simulate", "subtract", "demo"]
+COMMANDS: list[str] = [
+    "refine",
+    "mask",
+    "reconstruct",
+    "evaluate",
+    "simulate",
+    "subtract",
+    "demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
