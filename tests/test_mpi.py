@@ -31,7 +31,6 @@ from localrefine_plugin.engine.parallel import (
     launched_by_mpi,
     share_indices,
 )
-from localrefine_plugin.engine.reconstruct import release_stack_pages
 from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
 from localrefine_plugin.engine.star import read_star, write_star
 
@@ -331,7 +330,7 @@ def test_streamed_stack_pages_do_not_stay_resident(tmp_path):
             images = parts.load_images(np.arange(start, start + 64))
             assert images[0, 0, 0] == start // 256 * 256  # the right images came back
             if release:
-                release_stack_pages(parts)
+                parts.release_pages()
         return _rss_file_kib() - before
 
     grown_released = stream(True)

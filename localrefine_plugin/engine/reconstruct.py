@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import time
 
 import numpy as np
@@ -31,7 +30,6 @@ from .errors import InputError
 from .fourier import image_to_fourier, shift_images_fourier
 
 __all__ = [
-    "release_stack_pages",
     "ctf_subset",
     "reconstruct_particles",
     "reconstruct_halves",
@@ -39,25 +37,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def release_stack_pages(particles) -> None:
-    """Unmap the resident pages of the particles' memory-mapped stacks.
-
-    Pages of a memory-mapped file that were read stay in the process's resident
-    set (``RssFile``) while the map is open: streaming a 6.5 GB stack through
-    ``Particles.load_images`` would show 6.5 GB of RSS although the data is
-    only in the kernel's page cache. ``MADV_DONTNEED`` on a read-only file map
-    drops them from this process (the page cache keeps them; the next read
-    maps them again), so resident memory stays bounded by the batch size.
-    Called after each batch by the streaming loops; a no-op for sets without
-    open stacks.
-    """
-    cache = getattr(particles, "_cache", None)  # Particles' open stacks
-    for mm in cache.values() if cache is not None else ():
-        handle = getattr(mm, "_mmap", None)
-        if handle is not None and hasattr(handle, "madvise"):
-            handle.madvise(mmap.MADV_DONTNEED)
 
 
 def ctf_subset(ctf: CtfParams, indices: np.ndarray, n: int) -> CtfParams:
@@ -144,7 +123,7 @@ def reconstruct_particles(
     for start in range(0, idx_all.size, batch_size):
         idx = idx_all[start : start + batch_size]
         f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1) complex64
-        release_stack_pages(particles)
+        particles.release_pages()
         ctf = (
             ctf_2d(ctf_subset(particles.ctf, idx, n), box, particles.pixel_size_a)
             if use_ctf

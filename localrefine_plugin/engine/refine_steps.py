@@ -181,7 +181,7 @@ def align_particles(
 
         def run(idx: np.ndarray, projector=projector):
             images_f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1)
-            reconstruct.release_stack_pages(particles)
+            particles.release_pages()
             ctf = _ctf_images(particles, idx)  # (m, N, N//2+1)
             result = search.local_search(
                 projector,
@@ -341,7 +341,7 @@ def estimate_noise(
             _batches(np.flatnonzero(subsets == half), options.batch_size)
         ):
             images_f = image_to_fourier(particles.load_images(idx))
-            reconstruct.release_stack_pages(particles)
+            particles.release_pages()
             pred = forward_model(
                 projector,
                 rotations[idx],
