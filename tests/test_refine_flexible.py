@@ -8,9 +8,10 @@ The signal outside the Fab mask is subtracted and the images re-centred on the
 mask and re-boxed (``subtract.subtract_particles``), then ``refine`` runs with
 the mask on the Fab and the settings docs/local_refinement.md advises for a small
 region: extents a little beyond the expected motion (8 deg, 2 px) and Gaussian
-priors (5 deg, 4 A). Measured on 2 busy cores (2026-11-28): error 4.19 -> 2.71 deg
-with the priors (4.19 -> 3.13 without them), mean FSC 12-6 A against the true Fab
-0.53 -> 0.74, refinement ~3 min.
+priors (5 deg, 4 A). Measured on 2 busy cores (2026-11-28, after the search's
+cap and grid-centring fixes): error 4.19 -> 2.62 deg with the priors (4.19 -> 3.13
+without them, before those fixes), mean FSC 12-6 A against the true Fab
+0.533 -> 0.731, refinement 44 s.
 
 Truth: ``truth.star`` holds the Fab's own poses and ``region.mrc`` its map at rest.
 Measured: the median angular error against the true Fab poses before (consensus)
