@@ -416,6 +416,43 @@ def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
 
 
+def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
+    """`--device cuda` gives the search the GPU score and the GPU bound power, and a
+    local search run with both finds the CPU search's poses."""
+    from localrefine_plugin.engine.refine_device import select_backend
+    from localrefine_plugin.engine.search import local_search
+
+    gpu = select_backend("cuda")
+    assert (gpu.name, gpu.score_fn.__name__, gpu.power_fn.__name__) == (
+        "cuda",
+        "_score_cuda",
+        "_power_cuda",
+    )
+    n, m = 24, 3
+    proj = FourierProjector(blob_map(n, seed=4))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 12000.0, 0.0), n, 2.0)
+    x = forward_model(proj, a, origins_px=rng.uniform(-1, 1, (m, 2)), ctf=ctf)
+    inv_s2 = np.ones((m, n // 2 + 1))
+    kw = dict(
+        consensus_rotations=a,
+        consensus_origins_px=np.zeros((m, 2)),
+        fulcrum_px=np.array([2.0, -1.0, 1.0]),
+        rotation_extent_deg=3.0,
+        shift_extent_px=1.5,
+        alignment_resolution_deg=1.5,
+        shift_resolution_px=0.5,
+        r_max_px=8.0,
+    )
+    cpu = local_search(proj, x, ctf, inv_s2, **kw)
+    got = local_search(
+        proj, x, ctf, inv_s2, score_fn=gpu.score_fn, power_fn=gpu.power_fn, **kw
+    )
+    np.testing.assert_allclose(got.rotations, cpu.rotations, atol=1e-9)
+    np.testing.assert_allclose(got.origins_px, cpu.origins_px, atol=1e-9)
+    np.testing.assert_allclose(got.scores, cpu.scores, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
 def test_every_scoring_kernel_variant_scores_like_the_engine(fake_pycuda, rng, variant):
     from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch

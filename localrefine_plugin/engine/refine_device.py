@@ -38,16 +38,20 @@ class Backend:
         ``"cpu"`` or ``"cuda"``.
     score_fn : callable
         Same signature as :func:`.scoring.score_poses`.
+    power_fn : callable
+        Same signature as :func:`.scoring.weighted_projection_power` (the
+        branch-and-bound's bound).
     """
 
     name: str
     score_fn: Callable
+    power_fn: Callable
 
 
 def _cpu() -> Backend:
     from . import scoring
 
-    return Backend("cpu", scoring.score_poses)
+    return Backend("cpu", scoring.score_poses, scoring.weighted_projection_power)
 
 
 def _cuda() -> Backend:
@@ -56,7 +60,7 @@ def _cuda() -> Backend:
     get = getattr(kernels, "get_score_fn", None)
     if get is None:
         raise ImportError("this installation has no GPU scoring kernels")
-    return Backend("cuda", get())
+    return Backend("cuda", get(), kernels.get_power_fn())
 
 
 def select_backend(device: str) -> Backend:

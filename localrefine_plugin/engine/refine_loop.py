@@ -249,6 +249,7 @@ class RefinementLoop:
             options=opt,
             r_max_px=r_max,
             score_fn=self.backend.score_fn,
+            power_fn=self.backend.power_fn,
             label=label,
             signal_radius_px=steps.signal_radius_px(prev.mask, self.fulcrum),
             comm=self.comm,

@@ -119,6 +119,7 @@ def align_particles(
     options,
     r_max_px: float,
     score_fn,
+    power_fn,
     label: str,
     signal_radius_px: float | None = None,
     comm=None,
@@ -142,6 +143,8 @@ def align_particles(
         Fourier radius used for scoring (cycles per box).
     score_fn : callable
         ``scoring.score_poses`` or the GPU replacement (:mod:`.refine_device`).
+    power_fn : callable
+        ``scoring.weighted_projection_power`` or the GPU replacement.
     label : str
         Prefix of the progress lines.
     signal_radius_px : float, optional
@@ -199,6 +202,7 @@ def align_particles(
                 prior_sigma_shift_px=prior_shift_px,
                 top_k=k,
                 score_fn=score_fn,
+                power_fn=power_fn,
                 signal_radius_px=signal_radius_px,
                 shift_resolution_px=options.shift_resolution_px,
             )

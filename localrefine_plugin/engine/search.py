@@ -306,6 +306,7 @@ def local_search(
     prior_sigma_shift_px: float | None = None,
     top_k: int = 1,
     score_fn: Callable[..., np.ndarray] = score_poses,
+    power_fn: Callable[..., tuple[np.ndarray, np.ndarray]] = weighted_projection_power,
     shift_resolution_px: float = 0.125,
     n_stages: int | None = None,
     min_radius_px: float = 6.0,
@@ -352,6 +353,9 @@ def local_search(
     score_fn : callable
         :func:`.scoring.score_poses` or a drop-in (GPU) replacement; called
         with ``rotation_shifts_px=`` (the fulcrum term).
+    power_fn : callable
+        :func:`.scoring.weighted_projection_power` (the high-band bound's
+        projection power) or a drop-in (GPU) replacement.
     shift_resolution_px : float
         Side of the finest shift cells (pixels).
     n_stages, min_radius_px : see :func:`search_schedule`.
@@ -413,6 +417,7 @@ def local_search(
         prior_shift=prior_sigma_shift_px,
         top_k=int(top_k),
         score_fn=score_fn,
+        power_fn=power_fn,
         bound=bound,
         gamma=float(bound_sigmas),
         rho=0.3 * n if signal_radius_px is None else float(signal_radius_px),
@@ -552,9 +557,7 @@ def _upper_and_high_band(projector, x, ctf, inv_sigma2, o_cons, sc, radius, cfg)
         rotation_shifts_px=sc.rot_shift[rows, sc.jb][:, None],
     )[:, 0, 0]
     upper = e_full + (sc.total - sc.e)[rows, sc.jb, sc.sb]  # (m,) with priors
-    power, k = weighted_projection_power(
-        projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"]
-    )
+    power, k = cfg["power_fn"](projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"])
     high = k > radius
     h = power[:, high].sum(-1)  # (m,)
     if cfg["bound"] == "gaussian":

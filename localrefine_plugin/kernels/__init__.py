@@ -15,7 +15,7 @@ See ``docs/gpu.md``.
 
 from __future__ import annotations
 
-__all__ = ["get_score_fn"]
+__all__ = ["get_score_fn", "get_power_fn"]
 
 
 def get_score_fn():
@@ -29,5 +29,15 @@ def get_score_fn():
         PyCUDA found no usable GPU.
     """
     from .cuda_scoring import get_score_fn as _get
+
+    return _get()
+
+
+def get_power_fn():
+    """A drop-in GPU replacement of ``engine.scoring.weighted_projection_power``.
+
+    Raises ``ImportError`` / ``RuntimeError`` as :func:`get_score_fn`.
+    """
+    from .cuda_scoring import get_power_fn as _get
 
     return _get()

@@ -362,6 +362,16 @@ def get_score_fn():
     return _score_cuda
 
 
+def get_power_fn():
+    """The GPU ``power_fn`` of :func:`.engine.search.local_search` (the bound's power).
+
+    Same checks and errors as :func:`get_score_fn`; the slices come from the
+    projection kernel (``_power_cuda``).
+    """
+    get_score_fn()
+    return _power_cuda
+
+
 def _power_host(projector, ctf, inv_sigma2, rotations, *, r_max_px):
     """The NumPy engine (:func:`.engine.scoring.weighted_projection_power`)."""
     return _engine_power(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
@@ -406,8 +416,8 @@ def weighted_projection_power(
 ):
     """:func:`.engine.scoring.weighted_projection_power` on ``device``; logs the path.
 
-    A drop-in for the branch-and-bound's bound (``engine/search.py`` calls the
-    engine's directly today; the benchmark measures the search with this one).
+    A drop-in for the branch-and-bound's bound: ``local_search(power_fn=...)``,
+    passed by ``--device cuda`` (:func:`get_power_fn`).
     """
     if select_device(device) == "cuda":
         log.debug("weighted_projection_power: CUDA path")
