@@ -179,6 +179,19 @@ def read_map(path) -> tuple[np.ndarray, float]:
     return volume, pixel_size
 
 
+def _square_stack_layout(path: Path):
+    """Header, data type, shape ``(n, N, N)`` and data offset of a stack of square images."""
+    header = _read_header(path)
+    dtype, (nz, ny, nx), offset = _layout(path, header)
+    if ny != nx:
+        raise InputError(
+            path,
+            f"images are not square: (ny, nx) = ({ny}, {nx})",
+            "re-extract square particle images",
+        )
+    return header, dtype, (nz, ny, nx), offset
+
+
 def stack_info(path) -> tuple[int, int, float]:
     """Number of images, box size and pixel size of a stack, from its header only.
 
@@ -202,14 +215,7 @@ def stack_info(path) -> tuple[int, int, float]:
         Missing, truncated or non-MRC file; images that are not square.
     """
     path = Path(path)
-    header = _read_header(path)
-    _, (nz, ny, nx), _ = _layout(path, header)
-    if ny != nx:
-        raise InputError(
-            path,
-            f"images are not square: (ny, nx) = ({ny}, {nx})",
-            "re-extract square particle images",
-        )
+    header, _, (nz, _, nx), _ = _square_stack_layout(path)
     return nz, nx, _pixel_size_a(header)
 
 
@@ -228,15 +234,8 @@ def open_stack(path) -> np.memmap:
         ``astype(np.float32)``).
     """
     path = Path(path)
-    header = _read_header(path)
-    dtype, (nz, ny, nx), offset = _layout(path, header)
-    if ny != nx:
-        raise InputError(
-            path,
-            f"images are not square: (ny, nx) = ({ny}, {nx})",
-            "re-extract square particle images",
-        )
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(nz, ny, nx))
+    _, dtype, shape, offset = _square_stack_layout(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _temporary_sibling(path: Path) -> Path:
