@@ -58,7 +58,11 @@ from localrefine_plugin.engine.ctf import CtfParams, ctf_2d
 from localrefine_plugin.engine.fourier import fourier_to_image
 from localrefine_plugin.engine.geometry import euler_to_matrix
 from localrefine_plugin.engine.masks import create_soft_mask
-from localrefine_plugin.engine.particles import make_particles, write_particles
+from localrefine_plugin.engine.particles import (
+    make_particles,
+    read_particles,
+    write_particles,
+)
 from localrefine_plugin.engine.projector import FourierProjector, forward_model
 
 PIXEL_A = 1.5
@@ -259,6 +263,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument(
+        "--generate-only",
+        action="store_true",
+        help="write the data into --workdir and stop (a later run with the same "
+        "--workdir, --n-particles and --box reuses them)",
+    )
+    parser.add_argument(
         "--time-limit",
         type=float,
         default=None,
@@ -275,31 +285,46 @@ def main(argv=None) -> int:
         raise SystemExit(
             "mpirun is needed for more than one process (apt-get install openmpi-bin)"
         )
+    # Open MPI refuses to start as root (containers, CI) without these
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     workdir = args.workdir or Path(
         tempfile.mkdtemp(prefix="bench_scale_", dir=os.environ.get("TMPDIR", "/tmp"))
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    need = args.n_particles * args.box * args.box * 4 + (1 << 20) * 200
-    free = shutil.disk_usage(workdir).free
-    print(
-        f"data: {args.n_particles} particles, box {args.box}: {need / 1e9:.1f} GB "
-        f"needed, {free / 1e9:.1f} GB free in {workdir}"
-    )
-    if free < 1.2 * need:
-        raise SystemExit(
-            "not enough free disk space; use --workdir elsewhere or fewer --n-particles"
-        )
+    keep = args.keep or args.generate_only
     try:
-        t0 = time.monotonic()
-        star, reference, mask, parts = write_dataset(
-            workdir,
-            n=args.n_particles,
-            box=args.box,
-            distinct=args.distinct,
-            stacks=args.stacks,
-            seed=0,
-        )
-        print(f"generated in {time.monotonic() - t0:.0f} s ({args.stacks} stacks)")
+        star, reference, mask = (
+            workdir / "particles.star", workdir / "reference.mrc", workdir / "mask.mrc"
+        )  # fmt: skip
+        parts = read_particles(star) if star.is_file() else None
+        wanted = (args.n_particles, args.box)
+        if parts is not None and (parts.n, parts.box) == wanted:
+            print(f"reusing the {parts.n} particles of box {parts.box} in {workdir}")
+        else:
+            need = args.n_particles * args.box * args.box * 4 + (1 << 20) * 200
+            free = shutil.disk_usage(workdir).free
+            print(
+                f"data: {args.n_particles} particles, box {args.box}: "
+                f"{need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free in {workdir}"
+            )
+            if free < 1.2 * need:
+                raise SystemExit(
+                    "not enough free disk space; use --workdir elsewhere or fewer "
+                    "--n-particles"
+                )
+            t0 = time.monotonic()
+            star, reference, mask, parts = write_dataset(
+                workdir,
+                n=args.n_particles,
+                box=args.box,
+                distinct=args.distinct,
+                stacks=args.stacks,
+                seed=0,
+            )
+            print(f"generated in {time.monotonic() - t0:.0f} s ({args.stacks} stacks)")
+        if args.generate_only:
+            return 0
         m = args.particles_per_run or args.n_particles
         if m < args.n_particles:
             star = workdir / f"particles_first{m}.star"
@@ -354,7 +379,7 @@ def main(argv=None) -> int:
             f"peak memory (worst run, larger of both figures): {worst:.2f} GiB: {verdict} 4 GiB"
         )
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
             print(f"removed {workdir}")
     return 0

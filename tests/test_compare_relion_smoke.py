@@ -110,10 +110,10 @@ def test_relion_accepts_the_command_and_its_outputs_are_read(
         gridding=False,
     )
     cmd[cmd.index("relion_refine_mpi")] = str(relion_bin / "relion_refine_mpi")
-    seconds = bench.run_timed(
+    seconds, finished = bench.run_timed(
         cmd, cwd=data["dir"], log_path=tmp_path / "relion.log", env=bench.relion_env()
     )
-    assert seconds > 0
+    assert seconds > 0 and finished
     files = bench.relion_outputs(data["dir"] / "relion" / "run", data["particles"])
     refined = read_particles(files["data_input_order"])
     given = read_particles(data["particles"])
@@ -130,3 +130,26 @@ def test_relion_accepts_the_command_and_its_outputs_are_read(
     assert 0 <= r["median_angle_error_deg"] < 30
     assert 2 * apix <= r["gold_standard_resolution_a"]
     assert np.isfinite(r["map_vs_truth_mean_fsc"])
+    # The fallback for a run stopped at its time limit: the last complete
+    # iteration's particles and half maps, their average as the map.
+    last = bench.relion_outputs(
+        data["dir"] / "relion" / "run", data["particles"], finished=False
+    )
+    assert last["iterations"] == files["iterations"]
+    assert last["data"].name == f"run_it{files['iterations']:03d}_data.star"
+    h1, _ = read_map(last["half1"])
+    h2, _ = read_map(last["half2"])
+    np.testing.assert_allclose(read_map(last["map"])[0], 0.5 * (h1 + h2), atol=1e-6)
+
+
+def test_run_timed_stops_a_program_at_its_time_limit(bench, tmp_path):
+    """A program past ``time_limit_s`` is terminated and reported as not finished."""
+    seconds, finished = bench.run_timed(
+        ["sleep", "60"], cwd=tmp_path, log_path=tmp_path / "sleep.log", time_limit_s=1
+    )
+    assert not finished
+    assert 1 <= seconds < 30
+    seconds, finished = bench.run_timed(
+        ["true"], cwd=tmp_path, log_path=tmp_path / "true.log", time_limit_s=30
+    )
+    assert finished and seconds < 30
