@@ -164,6 +164,25 @@ def test_check_mask_rejects_a_mask_outside_the_density():
     _check(on, reference=ref)
 
 
+def test_check_mask_ignores_noise_spikes_of_an_unfiltered_reference():
+    """A noisy unfiltered reconstruction: a few spikes in the solvent far above
+    the weak region's density must not be taken for the density (seen on a
+    1,000-particle consensus map at SNR 0.05), while a mask off the density
+    is still refused."""
+    n = 24
+    rng = np.random.default_rng(0)
+    ref = 0.02 * np.clip(_ball_function(n, 4.0, (6, 6, 6)), 0, None)
+    ref += rng.normal(0, 0.01, ref.shape).astype(np.float32)
+    on = create_soft_mask(_ball_function(n, 4.0, (6, 6, 6)), 1.5, threshold=0.0)
+    solvent = np.flatnonzero(on.ravel() == 0)
+    ref.ravel()[rng.choice(solvent, 12, replace=False)] = 1.0  # 12x the peak density
+    assert on[ref >= default_threshold(ref)].sum() < 1  # the raw map: spikes only
+    _check(on, reference=ref)
+    away = create_soft_mask(_ball_function(n, 3.0, (-4, 6, -4)), 1.5, threshold=0.0)
+    with pytest.raises(InputError, match="outside the reference's density"):
+        _check(away, reference=ref)
+
+
 def test_check_mask_accepts_a_loose_mask_around_a_small_region_of_a_large_complex():
     n = 48
     big = np.clip(_ball_function(n, 12.0, (-6, 0, 0)), 0, None)  # the complex

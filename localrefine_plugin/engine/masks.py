@@ -35,6 +35,10 @@ DEFAULT_THRESHOLD_SIGMAS = 5.0
 #: check_mask: a mask holding less than this fraction of the reference's strong
 #: density lies outside it.
 OUTSIDE_DENSITY_FRACTION = 2e-3
+#: check_mask judges the reference's density on the map low-passed to this
+#: resolution (Angstrom; ``localrefine mask``'s default low-pass), so that noise
+#: spikes of an unfiltered reconstruction are not taken for density.
+DENSITY_CHECK_LOWPASS_A = 15.0
 
 
 def default_threshold(volume: np.ndarray) -> float:
@@ -224,8 +228,10 @@ def check_mask(
     a binary mask (hard edge).
 
     The "outside the density" test: the reference's strong density is the
-    voxels at or above :func:`default_threshold` (at least 5 solvent standard
-    deviations, and a tenth of the way from the solvent to the peak); the mask
+    voxels of the reference low-passed to :data:`DENSITY_CHECK_LOWPASS_A` (or
+    Nyquist, if coarser) at or above :func:`default_threshold` (at least 5
+    solvent standard deviations, and a tenth of the way from the solvent to
+    the peak); a noise-dominated reference then has none and passes. The mask
     must hold (mask-weighted) at least :data:`OUTSIDE_DENSITY_FRACTION` of
     them. A mask on solvent holds none; a loose mask around a small region of
     a large complex still holds that region's.
@@ -279,7 +285,12 @@ def check_mask(
             "lower the threshold used to make it, or pick the right file",
         )
     if reference is not None:
-        strong = np.asarray(reference) >= default_threshold(reference)
+        smooth = lowpass(
+            np.asarray(reference, dtype=np.float32),
+            reference_pixel_size_a,
+            max(DENSITY_CHECK_LOWPASS_A, 2 * reference_pixel_size_a),
+        )
+        strong = smooth >= default_threshold(smooth)
         n_strong = int(np.count_nonzero(strong))
         captured = float(mask[strong].sum(dtype=np.float64))
         if n_strong and captured < OUTSIDE_DENSITY_FRACTION * n_strong:
