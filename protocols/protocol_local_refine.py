@@ -176,12 +176,22 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
 
         form.addSection(label="Iterations and masks")
         form.addParam(
+            "lowpassFromFsc",
+            params.BooleanParam,
+            default=False,
+            label="Initial lowpass from the half maps' FSC?",
+            help="Low-pass the reference to the resolution (FSC 0.143, inside the "
+            "mask, corrected for it) of the reference's half maps, as cryoSPARC "
+            "does. Needs a reference with half maps.",
+        )
+        form.addParam(
             "initialLowpass",
             params.FloatParam,
             default=8.0,
+            condition="not lowpassFromFsc",
             label="Initial lowpass resolution (A)",
             help="The reference is low-passed to this resolution before the "
-            "first iteration.",
+            "first iteration (RELION: --ini_high).",
         )
         form.addParam(
             "maxIterations",
@@ -387,7 +397,14 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
                 f"Rotation extent {rot:g} deg is finer than the alignment "
                 f"resolution {res:g} deg; widen the extent or refine the resolution."
             )
-        if self.initialLowpass.get() is None or self.initialLowpass.get() <= 0:
+        if self.lowpassFromFsc.get():
+            if not self._useHalfMaps():
+                errors.append(
+                    "Initial lowpass from the half maps' FSC needs a reference with "
+                    "half maps (and 'Use the reference's half maps?' on); otherwise "
+                    "give the initial lowpass resolution in A."
+                )
+        elif self.initialLowpass.get() is None or self.initialLowpass.get() <= 0:
             errors.append("Initial lowpass resolution must be > 0 A.")
         if self.maxIterations.get() is None or self.maxIterations.get() < 1:
             errors.append("Maximum number of iterations must be >= 1.")
@@ -415,11 +432,20 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
             )
         return warnings
 
+    def _lowpassText(self) -> str:
+        """The initial low-pass in words (resolved from the run once it has one)."""
+        if not self.lowpassFromFsc.get():
+            return f"{self.initialLowpass.get():g} A"
+        used = (self._readSummary() or {}).get("options", {}).get("initial_lowpass_a")
+        if isinstance(used, int | float):
+            return f"{used:.2f} A (the half maps' FSC)"
+        return "the half maps' FSC resolution"
+
     def _summary(self):
         lines = [
             f"Extents: rotation {self.rotationExtent.get():g} deg, shift "
             f"{self.shiftExtent.get():g} px; fulcrum: {self._fulcrumText()}; "
-            f"initial low-pass {self.initialLowpass.get():g} A; "
+            f"initial low-pass {self._lowpassText()}; "
             f"at most {self.maxIterations.get()} iterations; "
             f"{'dynamic' if self.dynamicMask.get() else 'static'} mask."
         ]
@@ -445,8 +471,7 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
             "sets [Scheres2012]), within "
             f"{self.rotationExtent.get():g} deg and {self.shiftExtent.get():g} px "
             f"of the consensus poses, rotations about the {self._fulcrumText()}, "
-            f"starting from the reference low-passed to "
-            f"{self.initialLowpass.get():g} A."
+            f"starting from the reference low-passed to {self._lowpassText()}."
         )
         summary = self._readSummary()
         if summary_resolution(summary) is not None:
@@ -484,7 +509,9 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
             "--shift-extent": self.shiftExtent.get(),
             "--alignment-resolution": self.alignmentResolution.get(),
             "--fulcrum": fulcrum,
-            "--initial-lowpass": self.initialLowpass.get(),
+            "--initial-lowpass": (
+                "fsc" if self.lowpassFromFsc.get() else self.initialLowpass.get()
+            ),
             "--max-iterations": self.maxIterations.get(),
             "--marginalize-top-k": self.marginalizeTopK.get(),
             "--device": self._device(),

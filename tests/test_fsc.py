@@ -7,13 +7,16 @@ import csv
 import numpy as np
 import pytest
 
+from localrefine_plugin.engine.errors import InputError
 from localrefine_plugin.engine.fourier import shell_index_3d
 from localrefine_plugin.engine.fsc import (
     Resolution,
     compute_fsc,
     fsc_curve,
+    fsc_file_resolution,
     mask_corrected_fsc,
     plot_fsc,
+    read_fsc_file,
     resolution_at,
     write_fsc_csv,
 )
@@ -185,3 +188,36 @@ def test_compute_fsc_never_below_randomisation_level_is_reported_uncrossed(tmp_p
     png = tmp_path / "fsc.png"
     plot_fsc(png, res)  # the "better than" label renders too
     assert png.stat().st_size > 10_000
+
+
+def test_fsc_file_round_trip_gives_the_same_resolution(tmp_path):
+    """Our fsc.csv read back gives the curve and the resolution it was written from."""
+    vol, (h1, h2) = noisy_half_maps(32, 1.0, seed=5)
+    mask = create_soft_mask(vol, 1.5, threshold=0.05, soft_edge_a=4.5)
+    res = compute_fsc(h1, h2, mask=mask, pixel_size_a=1.5)
+    write_fsc_csv(tmp_path / "fsc.csv", res)
+    resolution_a, curve, column = read_fsc_file(tmp_path / "fsc.csv")
+    assert column == "fsc_corrected" and np.isinf(resolution_a[0])
+    np.testing.assert_allclose(curve, res.fsc_corrected, atol=1e-6)
+    got = fsc_file_resolution(tmp_path / "fsc.csv")
+    assert got.value_a == pytest.approx(res.resolution_0143.value_a, rel=1e-3)
+    assert got.crossed == res.resolution_0143.crossed
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("shell,resolution_A\n0,inf\n", "fsc_corrected"),
+        ("resolution_A,fsc_corrected\ninf,1\n10,x\n5,0.1\n", "not a number"),
+        ("resolution_A,fsc_corrected\ninf,1\n5,0.9\n10,0.1\n", "decreasing"),
+        ("data_fsc\nloop_\n_rlnSpectralIndex #1\n0\n", "rlnAngstromResolution"),
+    ],
+)
+def test_bad_fsc_files_are_refused_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / ("bad.star" if text.startswith("data_") else "bad.csv")
+    path.write_text(text)
+    with pytest.raises(InputError) as exc:
+        fsc_file_resolution(path)
+    assert path.name in str(exc.value) and problem in str(exc.value)
+    with pytest.raises(InputError, match="not found"):
+        read_fsc_file(tmp_path / "missing.csv")

@@ -34,7 +34,13 @@ import numpy as np
 import pytest
 
 from localrefine_plugin.engine.fourier import resolution_of_shell_a
-from localrefine_plugin.engine.fsc import compute_fsc, mask_corrected_fsc, resolution_at
+from localrefine_plugin.engine.fsc import (
+    compute_fsc,
+    fsc_file_resolution,
+    mask_corrected_fsc,
+    read_fsc_file,
+    resolution_at,
+)
 from localrefine_plugin.engine.masks import create_soft_mask
 from localrefine_plugin.engine.mrc_io import write_map
 from localrefine_plugin.engine.star import read_star
@@ -163,6 +169,19 @@ def test_resolution_at_0143_read_off_relions_curve_within_one_shell(runs):
         res = resolution_at(rel["corrected"], 0.143, n=N, pixel_size_a=PIXEL_A)
         assert res.crossed
         assert rel_shell <= res.shell <= rel_shell + 1.0
+
+
+def test_postprocess_star_read_as_an_input_fsc_gives_relions_resolution(runs, inputs):
+    """``--input-fsc postprocess.star``: the curve and resolution RELION reported."""
+    relion, _ = runs
+    star = inputs[0] / "seed0" / "postprocess.star"
+    resolution_a, curve, column = read_fsc_file(star)
+    assert column == "rlnFourierShellCorrelationCorrected"
+    np.testing.assert_allclose(curve, relion[0]["corrected"])
+    np.testing.assert_allclose(resolution_a[1:], relion[0]["resolution_a"][1:])
+    got = fsc_file_resolution(star)
+    rel_shell = N * PIXEL_A / relion[0]["final_resolution_a"]
+    assert got.crossed and rel_shell - 1e-3 <= got.shell <= rel_shell + 1.0
 
 
 @pytest.mark.slow

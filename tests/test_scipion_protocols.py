@@ -444,3 +444,12 @@ class TestLocalRefineProtocols(BaseTest):
         ):
             self.assertIn(part, line)
         self.assertNotIn("--static-mask", line)
+        self.assertIn("--initial-lowpass 8.0", line)
+        from_fsc = self._refineProt(lowpassFromFsc=True)._getArgsLine()
+        self.assertIn("--initial-lowpass fsc", from_fsc)
+
+    def test_lowpass_from_fsc_needs_half_maps(self):
+        with mock.patch.object(common, "gpus_available", return_value=[]):
+            self.assertEqual(self._refineProt(lowpassFromFsc=True).validate(), [])
+            errors = self._refineProt(lowpassFromFsc=True, useHalfMaps=False).validate()
+        self.assertTrue(any("half maps" in e for e in errors), errors)

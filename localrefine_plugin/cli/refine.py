@@ -60,6 +60,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="optional initial references per half set (rlnRandomSubset 1 and 2) "
         "instead of the low-passed --reference",
     )
+    io.add_argument(
+        "--input-fsc",
+        default=None,
+        metavar="FSC",
+        help="the reference's FSC curve (our fsc.csv, RELION's postprocess.star or "
+        "run_model.star), for the initial low-pass",
+    )
     io.add_argument("--output", required=True, metavar="DIR", help="output directory")
     io.add_argument(
         "--continue",
@@ -134,11 +141,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     it = parser.add_argument_group("iterations and masks")
     it.add_argument(
         "--initial-lowpass",
-        type=float,
-        default=_DEFAULTS.initial_lowpass_a,
-        metavar="A",
-        help="low-pass of the reference for the first iteration, Angstrom "
-        "(default: %(default)s)",
+        type=_lowpass_arg,
+        default=None,
+        metavar="A|fsc",
+        help="low-pass of the reference for the first iteration, Angstrom, or 'fsc': "
+        "the resolution (FSC 0.143) of --input-fsc or, without it, of --half-maps "
+        "inside the mask (default: 'fsc' when either is given, else "
+        f"{_DEFAULTS.initial_lowpass_a:g})",
     )
     it.add_argument(
         "--max-iterations",
@@ -213,15 +222,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _lowpass_arg(text: str) -> float | str:
+    """``--initial-lowpass``: a resolution in Angstrom or the word ``fsc``."""
+    if text.strip().lower() == "fsc":
+        return "fsc"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a resolution in Angstrom (e.g. 8) or 'fsc'"
+        ) from None
+
+
 def options_from_args(args: argparse.Namespace) -> RefineOptions:
-    """The :class:`RefineOptions` given on the command line (validated)."""
+    """The :class:`RefineOptions` given on the command line (validated).
+
+    Without ``--initial-lowpass``, the initial low-pass comes from the input's
+    FSC when an FSC file or half maps are given, else the default (8 A).
+    """
+    lowpass = args.initial_lowpass
+    if lowpass is None:
+        given = args.input_fsc is not None or args.half_maps is not None
+        lowpass = "fsc" if given else _DEFAULTS.initial_lowpass_a
     options = RefineOptions(
         shift_extent_px=args.shift_extent,
         rotation_extent_deg=args.rotation_extent,
         alignment_resolution_deg=args.alignment_resolution,
         shift_resolution_px=args.shift_resolution,
         fulcrum=args.fulcrum,
-        initial_lowpass_a=args.initial_lowpass,
+        initial_lowpass_a=lowpass,
         max_iterations=args.max_iterations,
         prior_sigma_rotation_deg=args.prior_sigma_rotation,
         prior_sigma_shift_a=args.prior_sigma_shift,
@@ -252,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         options=options,
         device=args.device,
         half_maps=args.half_maps,
+        input_fsc=args.input_fsc,
         continue_run=args.continue_run,
     )
     logging.getLogger(__name__).info(

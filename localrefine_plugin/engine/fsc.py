@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
+from .errors import InputError
 from .filters import randomize_phases_beyond
 from .fourier import resolution_of_shell_a, shell_index_3d
+from .star import read_star
 
 __all__ = [
     "RANDOMIZE_AT_FSC",
@@ -33,6 +35,8 @@ __all__ = [
     "compute_fsc",
     "mask_corrected_fsc",
     "write_fsc_csv",
+    "read_fsc_file",
+    "fsc_file_resolution",
     "plot_fsc",
 ]
 
@@ -344,6 +348,96 @@ def write_fsc_csv(path, result: FscResult) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Columns holding the curve to read, best first: ours (``fsc.csv``), then
+#: ``relion_postprocess``'s ``data_fsc`` and ``relion_refine``'s model STAR.
+_FSC_FILE_COLUMNS = (
+    "fsc_corrected",
+    "rlnFourierShellCorrelationCorrected",
+    "rlnGoldStandardFsc",
+)
+
+
+def read_fsc_file(path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Read an FSC curve over shells ``0 .. N//2`` from a file.
+
+    Accepted: our ``fsc.csv`` (column ``fsc_corrected``), a
+    ``relion_postprocess`` STAR (``data_fsc``, column
+    ``rlnFourierShellCorrelationCorrected``) or a ``relion_refine``
+    ``*_model.star`` (``data_model_class_1``, column ``rlnGoldStandardFsc``).
+
+    Returns
+    -------
+    resolution_a : ndarray
+        Resolution of each shell (Angstrom; ``inf`` at shell 0).
+    fsc : ndarray
+        The curve.
+    column : str
+        The column it came from.
+
+    Raises
+    ------
+    InputError
+        The file is missing, or holds no FSC curve this function knows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "FSC file not found", "give an existing fsc.csv or STAR")
+    fix = (
+        "give our fsc.csv, relion_postprocess's postprocess.star or "
+        "relion_refine's run_model.star"
+    )
+    if path.suffix.lower() == ".star":
+        for block in read_star(path):
+            cols = block.columns
+            found = [c for c in _FSC_FILE_COLUMNS if c in cols]
+            if not found or "rlnAngstromResolution" not in cols:
+                continue
+            res = block.column_as_float("rlnAngstromResolution")
+            return _curve(path, res, block.column_as_float(found[0]), found[0], fix)
+        raise InputError(
+            path,
+            "no table with rlnAngstromResolution and an FSC column "
+            f"({', '.join(_FSC_FILE_COLUMNS[1:])})",
+            fix,
+        )
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    header = lines[0].split(",") if lines else []
+    if "resolution_A" not in header or "fsc_corrected" not in header:
+        raise InputError(path, "no resolution_A and fsc_corrected columns", fix)
+    try:
+        rows = np.array([[float(v) for v in ln.split(",")] for ln in lines[1:]])
+    except ValueError as exc:
+        raise InputError(path, f"a value is not a number ({exc})", fix) from None
+    if rows.ndim != 2 or rows.shape[1] != len(header):
+        raise InputError(path, "rows and header have different lengths", fix)
+    res = rows[:, header.index("resolution_A")]
+    fsc = rows[:, header.index("fsc_corrected")]
+    return _curve(path, res, fsc, "fsc_corrected", fix)
+
+
+def _curve(path: Path, res: np.ndarray, fsc: np.ndarray, column: str, fix: str):
+    if res.size < 3 or not np.all(np.isfinite(fsc)):
+        raise InputError(path, f"column {column}: too few shells or non-finite", fix)
+    # RELION writes 999 for shell 0's resolution; ours writes inf
+    res = np.where(np.arange(res.size) == 0, np.inf, res)
+    if not np.all(np.diff(res[1:]) < 0):
+        raise InputError(path, "resolutions are not decreasing shell by shell", fix)
+    return res, fsc, column
+
+
+def fsc_file_resolution(path, threshold: float = 0.143) -> Resolution:
+    """The resolution (Angstrom) where a file's FSC curve falls below ``threshold``.
+
+    See :func:`read_fsc_file` (formats) and :func:`resolution_at` (reading the
+    crossing). The box and pixel size come from the curve itself: ``N//2 + 1``
+    shells, Nyquist (the last shell) at ``2 * pixel_size``.
+    """
+    res, fsc, _ = read_fsc_file(path)
+    n = 2 * (res.size - 1)
+    return resolution_at(fsc, threshold, n=n, pixel_size_a=float(res[-1]) / 2)
 
 
 def plot_fsc(path, result: FscResult, *, title: str | None = None) -> None:

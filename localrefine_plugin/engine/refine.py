@@ -37,7 +37,7 @@ from .checkpoint import list_checkpoints
 from .errors import InputError
 from .parallel import assign_gpu, get_comm
 from .refine_device import select_backend
-from .refine_inputs import load_inputs
+from .refine_inputs import load_inputs, resolve_initial_lowpass
 from .refine_loop import RefinementLoop, RefineResult
 from .refine_options import RefineOptions
 from .refine_outputs import remove_outputs
@@ -98,6 +98,7 @@ def run_local_refinement(
     options: RefineOptions | None = None,
     device: str = "cpu",
     half_maps=None,
+    input_fsc=None,
     continue_run: bool = False,
     stop_after_iteration: int | None = None,
     comm=None,
@@ -119,6 +120,9 @@ def run_local_refinement(
         Scoring backend (:func:`.refine_device.select_backend`).
     half_maps : pair of str or Path, optional
         Initial references of half sets 1 and 2 instead of the reference.
+    input_fsc : str or Path, optional
+        The input's FSC curve (``fsc.csv``, ``postprocess.star``,
+        ``run_model.star``) for ``options.initial_lowpass_a == "fsc"``.
     continue_run : bool
         Resume from the last complete iteration saved in ``output_dir``.
     stop_after_iteration : int, optional
@@ -152,8 +156,14 @@ def run_local_refinement(
         if comm.size > 1:
             log.info("MPI: %d ranks; this is rank %d", comm.size, comm.rank)
         inputs = load_inputs(
-            particles, reference, mask, half_maps=half_maps, options=options
+            particles,
+            reference,
+            mask,
+            half_maps=half_maps,
+            input_fsc=input_fsc,
+            options=options,
         )
+        options = resolve_initial_lowpass(options, inputs)
         if comm.is_root:
             remove_outputs(output_dir)
         loop = RefinementLoop(inputs, options, backend, output_dir, started, comm)

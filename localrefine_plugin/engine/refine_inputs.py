@@ -7,6 +7,7 @@ and the stack headers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -18,9 +19,10 @@ import numpy as np
 from . import masks, mrc_io
 from . import particles as particles_mod
 from .errors import InputError
+from .fsc import compute_fsc, fsc_file_resolution, read_fsc_file
 from .refine_options import RefineOptions, parse_fulcrum
 
-__all__ = ["RefineInputs", "load_inputs", "fulcrum_px"]
+__all__ = ["RefineInputs", "load_inputs", "fulcrum_px", "resolve_initial_lowpass"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ def load_inputs(
     mask,
     *,
     half_maps=None,
+    input_fsc=None,
     options: RefineOptions,
 ) -> RefineInputs:
     """Read and check everything a refinement needs; raise :class:`InputError` early.
@@ -109,10 +112,22 @@ def load_inputs(
         MRC maps (the mask: soft, values in [0, 1]).
     half_maps : pair of str or Path, optional
         Initial references for half sets 1 and 2.
+    input_fsc : str or Path, optional
+        The input reference's FSC (:func:`.fsc.read_fsc_file`), for
+        ``initial_lowpass_a="fsc"``; read and checked here.
     options : RefineOptions
         Validated here too (extents, fulcrum inside the box).
     """
     options.validate()
+    if input_fsc is not None:
+        read_fsc_file(input_fsc)
+    if _lowpass_from_fsc(options) and input_fsc is None and half_maps is None:
+        raise InputError(
+            None,
+            "option initial_lowpass 'fsc' needs the input's FSC: neither an FSC file "
+            "nor half maps were given",
+            "give --input-fsc FSC_FILE or --half-maps H1 H2, or a resolution in A",
+        )
     if isinstance(particles, str | Path):
         star_path = str(particles)
         parts = particles_mod.read_particles(particles)
@@ -202,8 +217,45 @@ def load_inputs(
             "reference": str(reference),
             "mask": str(mask),
             "half_maps": None if half_maps is None else [str(p) for p in half_maps],
+            "input_fsc": None if input_fsc is None else str(input_fsc),
         },
     )
+
+
+def _lowpass_from_fsc(options: RefineOptions) -> bool:
+    lp = options.initial_lowpass_a
+    return isinstance(lp, str) and lp.lower() == "fsc"
+
+
+def resolve_initial_lowpass(
+    options: RefineOptions, inputs: RefineInputs
+) -> RefineOptions:
+    """``options`` with ``initial_lowpass_a`` in Angstrom (``"fsc"`` resolved).
+
+    ``"fsc"`` becomes the resolution where the input's FSC falls below 0.143:
+    the FSC file's curve when one was given, otherwise the gold-standard FSC
+    of the half maps inside the refinement mask (mask-corrected, seed
+    ``options.seed``: deterministic, so every MPI rank and a ``--continue``
+    get the same value). A number is returned unchanged.
+    """
+    if not _lowpass_from_fsc(options):
+        return dataclasses.replace(
+            options, initial_lowpass_a=float(options.initial_lowpass_a)
+        )
+    fsc_file = inputs.sources.get("input_fsc")
+    if fsc_file is not None:
+        res, source = fsc_file_resolution(fsc_file), fsc_file
+    else:
+        res = compute_fsc(
+            inputs.half_maps[0],
+            inputs.half_maps[1],
+            mask=inputs.mask,
+            pixel_size_a=inputs.pixel_size_a,
+            seed=options.seed,
+        ).resolution_0143
+        source = "the half maps inside the mask"
+    log.info("initial low-pass from the FSC of %s (0.143): %s", source, res)
+    return dataclasses.replace(options, initial_lowpass_a=res.value_a)
 
 
 def fulcrum_px(fulcrum, mask: np.ndarray) -> np.ndarray:

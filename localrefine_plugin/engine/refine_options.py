@@ -32,8 +32,10 @@ class RefineOptions:
         Point the rotations pivot about: the mask's centre of mass, the box
         centre, or voxel indices ``(x, y, z)`` (pixels from the box corner; the box
         centre is ``N // 2``).
-    initial_lowpass_a : float
-        Low-pass of the input reference for the first iteration (Angstrom).
+    initial_lowpass_a : float or "fsc"
+        Low-pass of the input reference for the first iteration (Angstrom), or
+        ``"fsc"``: the resolution (FSC 0.143) of the input's FSC, from an FSC
+        file or the half maps given (:func:`.refine_inputs.resolve_initial_lowpass`).
     max_iterations : int
         Most iterations before the final full-resolution pass.
     prior_sigma_rotation_deg, prior_sigma_shift_a : float or None
@@ -66,7 +68,7 @@ class RefineOptions:
     alignment_resolution_deg: float = 0.5
     shift_resolution_px: float = 0.25
     fulcrum: str | tuple[float, float, float] = "mask"
-    initial_lowpass_a: float = 8.0
+    initial_lowpass_a: float | str = 8.0
     max_iterations: int = 8
     prior_sigma_rotation_deg: float | None = None
     prior_sigma_shift_a: float | None = None
@@ -135,9 +137,15 @@ class RefineOptions:
             raise bad(
                 "shift_extent_px", f"{shift} px is negative", "use e.g. 3 (pixels)"
             )
-        lp = finite("initial_lowpass_a", self.initial_lowpass_a)
-        if lp <= 0:
-            raise bad("initial_lowpass_a", f"{lp} A must be positive", "use e.g. 8 (A)")
+        if not (
+            isinstance(self.initial_lowpass_a, str)
+            and self.initial_lowpass_a.lower() == "fsc"
+        ):
+            lp = finite("initial_lowpass_a", self.initial_lowpass_a)
+            if lp <= 0:
+                raise bad(
+                    "initial_lowpass_a", f"{lp} A must be positive", "use e.g. 8 (A)"
+                )
         if int(self.max_iterations) != self.max_iterations or self.max_iterations < 1:
             raise bad(
                 "max_iterations",
