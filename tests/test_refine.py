@@ -213,6 +213,33 @@ def test_exact_poses_do_not_drift(exact_run):
     assert (
         result.summary["per_iteration"][-1]["median_rotation_from_consensus_deg"] < 0.1
     )
+    assert all(
+        h["fraction_at_rotation_extent"] < 0.1 for h in result.summary["per_iteration"]
+    )
+    assert "edge of the rotation extent" not in (out / "refine.log").read_text()
+
+
+def test_poses_piling_at_the_extent_edge_are_warned_about(tmp_path, caplog):
+    """Noise-dominated images: the best of many poses is mostly far from the
+    consensus, at the edge of the extent; the log says so and how to fix it."""
+    data = make_dataset(tmp_path / "data", n=40, snr=0.002, seed=5)
+    with caplog.at_level(logging.WARNING):
+        result = run_local_refinement(
+            data["star"],
+            data["reference"],
+            data["mask"],
+            output_dir=tmp_path / "out",
+            options=RefineOptions(**FAST),
+        )
+    fractions = [
+        h["fraction_at_rotation_extent"] for h in result.summary["per_iteration"]
+    ]
+    assert max(fractions) > 0.3
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "edge of the rotation extent" in m and "--prior-sigma-rotation" in m
+        for m in warned
+    ), warned
 
 
 @pytest.mark.slow

@@ -67,6 +67,22 @@ class RefineResult:
     complete: bool = True
 
 
+#: A particle whose rotation from its consensus pose is at least this fraction of
+#: the rotation extent is "at the edge" (a uniform spread over the extent's ball
+#: puts 1 - 0.97^3 = 8.7 % of particles there) ...
+EDGE_FRACTION_OF_EXTENT = 0.97
+#: ... and more than this fraction of particles at the edge is logged as a warning.
+EDGE_WARNING_FRACTION = 0.3
+
+
+def _fraction_at_extent(from_consensus_deg: np.ndarray, extent_deg: float) -> float:
+    """Fraction of particles rotated at least 97 % of the extent (degrees) away."""
+    if extent_deg <= 0 or from_consensus_deg.size == 0:
+        return 0.0
+    edge = from_consensus_deg >= EDGE_FRACTION_OF_EXTENT * extent_deg
+    return float(np.mean(edge))
+
+
 def _radius_px(resolution_a: float, box: int, pixel_size_a: float) -> float:
     """Fourier radius (cycles per box) of a resolution, at most Nyquist."""
     return float(min(box // 2, box * pixel_size_a / resolution_a))
@@ -281,6 +297,7 @@ class RefinementLoop:
         rot_change = geodesic_angle_deg(aligned.rotations, prev.rotations)
         shift_change = np.linalg.norm(aligned.origins_px - prev.origins_px, axis=1)
         from_consensus = geodesic_angle_deg(aligned.rotations, self.consensus_rotations)
+        at_edge = _fraction_at_extent(from_consensus, opt.rotation_extent_deg)
         record = {
             "iteration": it,
             "final": final,
@@ -291,6 +308,7 @@ class RefinementLoop:
             "median_rotation_change_deg": float(np.median(rot_change)),
             "median_shift_change_a": float(np.median(shift_change) * inp.pixel_size_a),
             "median_rotation_from_consensus_deg": float(np.median(from_consensus)),
+            "fraction_at_rotation_extent": at_edge,
             "poses_evaluated_per_particle": float(np.mean(aligned.poses_evaluated)),
             "seconds": time.monotonic() - t0,
         }
@@ -315,6 +333,19 @@ class RefinementLoop:
             record["poses_evaluated_per_particle"],
             record["seconds"],
         )
+        if at_edge > EDGE_WARNING_FRACTION:
+            log.warning(
+                "%s: %.0f%% of the particles ended at the edge of the rotation extent "
+                "(within %.0f%% of %g deg from their consensus pose): the data do not "
+                "pin the region's pose at this resolution (the search fits noise), or "
+                "the region moves further than the extent. Fix: add priors "
+                "(--prior-sigma-rotation 3 --prior-sigma-shift 2), or widen "
+                "--rotation-extent if the region truly moves that much",
+                label,
+                100 * at_edge,
+                100 * (1 - EDGE_FRACTION_OF_EXTENT),
+                opt.rotation_extent_deg,
+            )
         return Checkpoint(
             iteration=it,
             rotations=aligned.rotations,
