@@ -469,6 +469,9 @@ def evaluate_run(
     return result
 
 
+#: Our runs, in table order: defaults, and defaults plus priors (``--priors``).
+OUR_RUNS = ("ours", "ours_priors")
+
 ROWS = [
     ("gold-standard resolution, same FSC code (A)", "gold_standard_resolution_a"),
     ("resolution reported by the program (A)", "own_resolution_a"),
@@ -483,7 +486,7 @@ ROWS = [
 
 
 def format_table(results: dict) -> str:
-    """Side-by-side table: consensus (input), ours, RELION, ours/RELION."""
+    """Side-by-side table: consensus (input), our runs, RELION; ours/RELION ratios."""
 
     def cell(v) -> str:
         if v is None:
@@ -492,21 +495,28 @@ def format_table(results: dict) -> str:
             return "yes" if v else "NO"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    cols = ["consensus", "ours", "relion"]
-    lines = [f"{'':46s}" + "".join(f"{c:>12s}" for c in cols) + f"{'ours/relion':>13s}"]
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    ours = [c for c in OUR_RUNS if c in results]
+    cols = ["consensus", *ours, "relion"]
+    width = max(12, *(len(c) + 1 for c in cols))
+    head = "".join(f"{c:>{width}s}" for c in cols)
+    head += "".join(f"{c + '/relion':>{width + 7}s}" for c in ours)
+    lines = [f"{'':46s}" + head]
     for label, key in ROWS:
         vals = [results.get(c, {}).get(key) for c in cols]
-        ours, rel = vals[1], vals[2]
-        ratio = (
-            f"{ours / rel:.3f}"
-            if all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in vals[1:]
-            )
-            and rel
+        rel = vals[-1]
+        ratios = [
+            f"{results[c].get(key) / rel:.3f}"
+            if number(results[c].get(key)) and number(rel) and rel
             else "-"
-        )
+            for c in ours
+        ]
         lines.append(
-            f"{label:46s}" + "".join(f"{cell(v):>12s}" for v in vals) + f"{ratio:>13s}"
+            f"{label:46s}"
+            + "".join(f"{cell(v):>{width}s}" for v in vals)
+            + "".join(f"{r:>{width + 7}s}" for r in ratios)
         )
     return "\n".join(lines)
 
@@ -517,17 +527,23 @@ def verdict(results: dict) -> dict:
     A RELION run stopped at its time limit ran at least that long, so the
     wall-time target compares with the limit (a lower bound of its time).
     """
-    ours, rel = results.get("ours"), results.get("relion")
-    if not ours or not rel:
+    rel = results.get("relion")
+    if not rel:
         return {}
-    return {
-        "angular_error_at_most_relion": ours["median_angle_error_deg"]
-        <= rel["median_angle_error_deg"],
-        "map_vs_truth_at_least_relion": ours["map_vs_truth_resolution_05_a"]
-        <= rel["map_vs_truth_resolution_05_a"],
-        "wall_time_at_most_one_third": ours["wall_seconds"]
-        <= rel["wall_seconds"] / 3.0,
-    }
+    targets = {}
+    for name in OUR_RUNS:
+        ours = results.get(name)
+        if not ours:
+            continue
+        targets[name] = {
+            "angular_error_at_most_relion": ours["median_angle_error_deg"]
+            <= rel["median_angle_error_deg"],
+            "map_vs_truth_at_least_relion": ours["map_vs_truth_resolution_05_a"]
+            <= rel["map_vs_truth_resolution_05_a"],
+            "wall_time_at_most_one_third": ours["wall_seconds"]
+            <= rel["wall_seconds"] / 3.0,
+        }
+    return targets
 
 
 # --------------------------------------------------------------------------- main
@@ -584,6 +600,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="extra arguments for localrefine refine, e.g. '--max-iterations 4'",
     )
+    p.add_argument(
+        "--priors",
+        default="3,2",
+        metavar="DEG,A",
+        help="a second run of ours with Gaussian priors (rotation sigma in degrees, "
+        "shift sigma in Angstrom; the advice for small regions); 'none': skip it",
+    )
     return p.parse_args(argv)
 
 
@@ -610,14 +633,25 @@ def main(argv=None) -> int:
             )
         }
         results["load_average_start"] = load_average()
-        if not args.skip_ours:
-            out = work / "ours"
-            extra = args.ours_args.split()
+        runs = {"ours": args.ours_args.split()}
+        if args.priors.lower() != "none":
+            rot, shift = (float(v) for v in args.priors.split(","))
+            runs["ours_priors"] = [
+                *runs["ours"],
+                *(
+                    "--prior-sigma-rotation",
+                    f"{rot:g}",
+                    "--prior-sigma-shift",
+                    f"{shift:g}",
+                ),
+            ]
+        for name, extra in runs.items() if not args.skip_ours else ():
+            out = work / name
             cmd = our_command(data, out, threads=args.threads, extra=extra)
             seconds, finished = timed_once(
                 cmd,
                 work=work,
-                name="ours",
+                name=name,
                 cwd=data["dir"],
                 reuse=args.reuse,
                 done=out / "summary.json",
@@ -636,7 +670,7 @@ def main(argv=None) -> int:
             r["finished"] = finished
             r["load_average_after"] = load_average()
             r["command"] = cmd
-            results["ours"] = r
+            results[name] = r
             write_json_atomic(work / "compare_relion.json", results)
         if not args.skip_relion:
             (data["dir"] / "relion").mkdir(exist_ok=True)
@@ -687,8 +721,11 @@ def main(argv=None) -> int:
             f"load average (1/5/15 min) at start {results['load_average_start']}, "
             f"now {load_average()} on {os.cpu_count()} cores\n"
         )
-        for key, ok in results["targets"].items():
-            sys.stdout.write(f"target {key}: {'met' if ok else 'NOT met'}\n")
+        for name, targets in results["targets"].items():
+            for key, ok in targets.items():
+                sys.stdout.write(
+                    f"{name}: target {key}: {'met' if ok else 'NOT met'}\n"
+                )
         sys.stdout.write(f"figures: {work / 'compare_relion.json'}\n")
     finally:
         if temporary and not args.keep:
