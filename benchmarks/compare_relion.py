@@ -633,8 +633,8 @@ def main(argv=None) -> int:
             )
         }
         results["load_average_start"] = load_average()
-        runs = {"ours": args.ours_args.split()}
-        if args.priors.lower() != "none":
+        runs = {} if args.skip_ours else {"ours": args.ours_args.split()}
+        if runs and args.priors.lower() != "none":
             rot, shift = (float(v) for v in args.priors.split(","))
             runs["ours_priors"] = [
                 *runs["ours"],
@@ -645,7 +645,7 @@ def main(argv=None) -> int:
                     f"{shift:g}",
                 ),
             ]
-        for name, extra in runs.items() if not args.skip_ours else ():
+        for name, extra in runs.items():
             out = work / name
             cmd = our_command(data, out, threads=args.threads, extra=extra)
             seconds, finished = timed_once(

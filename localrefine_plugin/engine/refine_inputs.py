@@ -19,7 +19,7 @@ import numpy as np
 from . import masks, mrc_io
 from . import particles as particles_mod
 from .errors import InputError
-from .fsc import compute_fsc, fsc_file_resolution, read_fsc_file
+from .fsc import Resolution, compute_fsc, fsc_file_resolution
 from .refine_options import RefineOptions, parse_fulcrum
 
 __all__ = ["RefineInputs", "load_inputs", "fulcrum_px", "resolve_initial_lowpass"]
@@ -43,6 +43,8 @@ class RefineInputs:
     box : int
     sources : dict
         File names, for the summary and error messages.
+    input_fsc_resolution : Resolution or None
+        FSC 0.143 of the input FSC file (``sources["input_fsc"]``), if given.
     """
 
     particles: object
@@ -52,6 +54,7 @@ class RefineInputs:
     pixel_size_a: float
     box: int
     sources: dict
+    input_fsc_resolution: Resolution | None = None
 
     def fingerprint(self) -> str:
         """Hash of what a continued run must share with the interrupted one."""
@@ -119,9 +122,8 @@ def load_inputs(
         Validated here too (extents, fulcrum inside the box).
     """
     options.validate()
-    if input_fsc is not None:
-        read_fsc_file(input_fsc)
-    if _lowpass_from_fsc(options) and input_fsc is None and half_maps is None:
+    input_fsc_resolution = None if input_fsc is None else fsc_file_resolution(input_fsc)
+    if options.lowpass_from_fsc and input_fsc is None and half_maps is None:
         raise InputError(
             None,
             "option initial_lowpass 'fsc' needs the input's FSC: neither an FSC file "
@@ -219,12 +221,8 @@ def load_inputs(
             "half_maps": None if half_maps is None else [str(p) for p in half_maps],
             "input_fsc": None if input_fsc is None else str(input_fsc),
         },
+        input_fsc_resolution=input_fsc_resolution,
     )
-
-
-def _lowpass_from_fsc(options: RefineOptions) -> bool:
-    lp = options.initial_lowpass_a
-    return isinstance(lp, str) and lp.lower() == "fsc"
 
 
 def resolve_initial_lowpass(
@@ -238,13 +236,12 @@ def resolve_initial_lowpass(
     ``options.seed``: deterministic, so every MPI rank and a ``--continue``
     get the same value). A number is returned unchanged.
     """
-    if not _lowpass_from_fsc(options):
+    if not options.lowpass_from_fsc:
         return dataclasses.replace(
             options, initial_lowpass_a=float(options.initial_lowpass_a)
         )
-    fsc_file = inputs.sources.get("input_fsc")
-    if fsc_file is not None:
-        res, source = fsc_file_resolution(fsc_file), fsc_file
+    if inputs.input_fsc_resolution is not None:
+        res, source = inputs.input_fsc_resolution, inputs.sources["input_fsc"]
     else:
         res = compute_fsc(
             inputs.half_maps[0],

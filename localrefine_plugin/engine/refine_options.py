@@ -97,6 +97,12 @@ class RefineOptions:
             d["fulcrum"] = tuple(float(v) for v in d["fulcrum"])
         return cls(**d)
 
+    @property
+    def lowpass_from_fsc(self) -> bool:
+        """True when ``initial_lowpass_a`` is ``"fsc"`` (any case)."""
+        lp = self.initial_lowpass_a
+        return isinstance(lp, str) and lp.lower() == "fsc"
+
     def validate(self) -> None:
         """Raise :class:`InputError` naming the option for any value out of range."""
 
@@ -137,10 +143,7 @@ class RefineOptions:
             raise bad(
                 "shift_extent_px", f"{shift} px is negative", "use e.g. 3 (pixels)"
             )
-        if not (
-            isinstance(self.initial_lowpass_a, str)
-            and self.initial_lowpass_a.lower() == "fsc"
-        ):
+        if not self.lowpass_from_fsc:
             lp = finite("initial_lowpass_a", self.initial_lowpass_a)
             if lp <= 0:
                 raise bad(
