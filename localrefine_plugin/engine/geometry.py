@@ -206,6 +206,4 @@ def fulcrum_shift(
         ``origin_old + fulcrum_shift(a_new, a_old, f)``.
     """
     d = np.asarray(a_new) - np.asarray(a_old)
-    return np.einsum("...ij,j->...i", d, np.asarray(fulcrum_px, dtype=np.float64))[
-        ..., :2
-    ]
+    return (d @ np.asarray(fulcrum_px, dtype=np.float64))[..., :2]

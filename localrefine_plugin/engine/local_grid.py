@@ -32,7 +32,10 @@ __all__ = [
     "subdivide_rotations",
     "shift_grid",
     "subdivide_shifts",
+    "split_kept_cells",
+    "compact_rows",
     "clip_to_extent",
+    "vector_norm",
     "rotvec_to_matrix",
     "finest_grid",
 ]
@@ -48,10 +51,23 @@ def _check_positive(name: str, value: float) -> float:
     return value
 
 
+def vector_norm(v: np.ndarray) -> np.ndarray:
+    """Euclidean norm over the last (short) axis: ``np.linalg.norm(v, axis=-1)``.
+
+    The components are summed in order, as NumPy does for a short axis, so the
+    result is the same, several times faster on large stacks of 2- or 3-vectors.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    total = v[..., 0] * v[..., 0]
+    for i in range(1, v.shape[-1]):
+        total += v[..., i] * v[..., i]
+    return np.sqrt(total)
+
+
 def _meets_ball(centres: np.ndarray, step: float, extent: float) -> np.ndarray:
     """True for cells (cubes of side ``step``) that meet the open ball of radius extent."""
     gap = np.maximum(np.abs(centres) - step / 2, 0.0)  # nearest point of the cell
-    return np.linalg.norm(gap, axis=-1) < extent * (1 - 1e-12)
+    return vector_norm(gap) < extent * (1 - 1e-12)
 
 
 def _lattice_offset(step: float, finest_step: float | None) -> float:
@@ -192,10 +208,76 @@ def subdivide_shifts(
     return _subdivide(centres, step_px, extent_px, _SHIFT_OFFSETS)
 
 
+def split_kept_cells(
+    centres: np.ndarray, kept: np.ndarray, step: float, extent: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Children of the kept cells of many particles at once (padded arrays).
+
+    The vectorised form of :func:`subdivide_rotations` / :func:`subdivide_shifts`
+    (``d = 3`` or ``2``) applied, per particle, to ``centres[i][kept[i]]``: the
+    same children in the same order (grouped by parent, parents in index order).
+
+    Parameters
+    ----------
+    centres : ndarray, shape (m, K, d)
+        Cell centres (degrees for rotation vectors, pixels for shifts).
+    kept : ndarray, shape (m, K), bool
+        The cells to split (at least one per particle).
+    step : float
+        Side of the parent cells; the children have side ``step / 2``.
+    extent : float
+        Children whose cell does not meet the extent ball are dropped; 0 gives
+        the single zero cell.
+
+    Returns
+    -------
+    children : ndarray, shape (m, K', d)
+        Per particle its children first; the padding repeats its first child.
+    valid : ndarray, shape (m, K'), bool
+        True for the real children (a prefix of each row).
+    """
+    centres = np.asarray(centres, dtype=np.float64)
+    m, _, dim = centres.shape
+    offsets = {3: _ROT_OFFSETS, 2: _SHIFT_OFFSETS}[dim]
+    if float(extent) == 0:
+        return np.zeros((m, 1, dim)), np.ones((m, 1), dtype=bool)
+    step = _check_positive("step", step)
+    parents, real = compact_rows(centres, kept)  # the kept cells, in index order
+    children = parents[:, :, None, :] + offsets * (step / 4)  # (m, K, c, d)
+    ok = real[:, :, None] & _meets_ball(children, step / 2, float(extent))
+    children = children.reshape(m, -1, dim)
+    ok = ok.reshape(m, -1)
+    return compact_rows(children, ok)
+
+
+def compact_rows(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the kept entries first (in order), padded with the row's first.
+
+    Parameters
+    ----------
+    values : ndarray, shape (m, K, d)
+    keep : ndarray, shape (m, K), bool
+
+    Returns
+    -------
+    compact : ndarray, shape (m, K', d)
+        ``K'`` is the largest count of kept entries of a row (at least 1).
+    valid : ndarray, shape (m, K'), bool
+        True for the kept entries (a prefix of each row).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    count = keep.sum(axis=1)
+    width = max(int(count.max()), 1)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # kept ones first
+    compact = np.take_along_axis(values, order[..., None], axis=1)
+    valid = np.arange(width) < count[:, None]
+    return np.where(valid[..., None], compact, compact[:, :1]), valid
+
+
 def clip_to_extent(vectors: np.ndarray, extent: float) -> np.ndarray:
     """Pull vectors (..., d) longer than ``extent`` back onto the ball (radial clip)."""
     vectors = np.asarray(vectors, dtype=np.float64)
-    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    norm = vector_norm(vectors)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(norm > extent, extent / norm, 1.0)
     return vectors * scale

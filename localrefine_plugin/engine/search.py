@@ -104,16 +104,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .geometry import fulcrum_shift
+from .geometry import fulcrum_shift, geodesic_angle_deg
 from .local_grid import (
     clip_to_extent,
+    compact_rows,
     rotation_grid,
     rotvec_to_matrix,
     shift_grid,
-    subdivide_rotations,
-    subdivide_shifts,
+    split_kept_cells,
+    vector_norm,
 )
 from .scoring import half_plane_pixels, score_poses, weighted_projection_power
+from .search_ops import batch_ops
 
 __all__ = [
     "SearchResult",
@@ -124,9 +126,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: padded / valid poses of a batch above which the CPU scores particles one by one
-_MAX_PADDING = 1.25
 
 #: exponent of the rotation cap's growth at coarse stages (:func:`_stage_caps`)
 _CAP_EXPONENT = 1.0
@@ -253,40 +252,62 @@ def candidate_poses(
     return rot, origins
 
 
-def _pad(cells: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    size = max(c.shape[0] for c in cells)
-    out = np.zeros((len(cells), size, dim))
-    valid = np.zeros((len(cells), size), dtype=bool)
-    for i, c in enumerate(cells):
-        out[i, : c.shape[0]] = c
-        out[i, c.shape[0] :] = c[0]  # harmless duplicates, masked out
-        valid[i, : c.shape[0]] = True
-    return out, valid
-
-
-def _prior(length: np.ndarray, sigma: float | None) -> np.ndarray:
-    if sigma is None:
-        return np.zeros_like(length)
-    return 0.5 * (length / float(sigma)) ** 2
+def _prior(
+    length: np.ndarray, sigma: float | None, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """``0.5 (length / sigma)^2`` (0 without a prior); inf where not ``valid``."""
+    out = (
+        np.zeros(length.shape) if sigma is None else 0.5 * (length / float(sigma)) ** 2
+    )
+    if valid is not None:
+        out[~valid] = np.inf
+    return out
 
 
 def _keep(
-    bound: np.ndarray, limit: float, forced: int, cap: int | None
-) -> tuple[np.ndarray, bool]:
-    """Indices with ``bound <= limit`` (always ``forced``), at most ``cap`` lowest.
+    bound: np.ndarray,
+    valid: np.ndarray,
+    limit: np.ndarray,
+    forced: np.ndarray,
+    cap: int | None,
+) -> tuple[np.ndarray, int]:
+    """Cells kept per particle: ``bound <= limit`` (always ``forced``), at most ``cap``.
 
-    Returns the sorted indices and whether the cap removed some.
+    Parameters
+    ----------
+    bound : ndarray, shape (m, K)
+        Lower bounds of the cells (padding: anything, masked by ``valid``).
+    valid : ndarray, shape (m, K), bool
+    limit : ndarray, shape (m,)
+    forced : ndarray, shape (m,), int
+        The cell always kept (the stage's best).
+    cap : int or None
+        Above ``cap`` cells, the ``cap`` lowest bounds are kept (ties: lower
+        index first); ``forced`` replaces the last of them if it is not among
+        them.
+
+    Returns
+    -------
+    kept : ndarray, shape (m, K), bool
+    n_capped : int
+        Particles whose cells the cap cut.
     """
-    keep = np.flatnonzero(bound <= limit)
-    if forced not in keep:
-        keep = np.append(keep, forced)
-    capped = cap is not None and keep.size > cap
-    if capped:
-        best = keep[np.argsort(bound[keep], kind="stable")[:cap]]
-        if forced not in best:
-            best[-1] = forced
-        keep = best
-    return np.sort(keep), capped
+    m, width = bound.shape
+    kept = (bound <= limit[:, None]) & valid
+    kept[np.arange(m), forced] = True
+    if cap is None:
+        return kept, 0
+    rows = np.flatnonzero(kept.sum(axis=1) > cap)
+    if rows.size:
+        keys = np.where(kept[rows], bound[rows], np.inf)
+        best = np.argsort(keys, axis=1, kind="stable")[:, :cap]
+        f = forced[rows]
+        missing = ~(best == f[:, None]).any(axis=1)
+        best[missing, cap - 1] = f[missing]
+        capped = np.zeros((rows.size, width), dtype=bool)
+        np.put_along_axis(capped, best, True, axis=1)
+        kept[rows] = capped
+    return kept, int(rows.size)
 
 
 def local_search(
@@ -475,6 +496,28 @@ def local_search(
 
 
 @dataclasses.dataclass
+class _Cells:
+    """Per-particle cells as padded arrays; the padding repeats row 0."""
+
+    centres: np.ndarray  # (m, K, d)
+    valid: np.ndarray  # (m, K) bool, a prefix of each row
+
+    @classmethod
+    def same_for_all(cls, centres: np.ndarray, m: int) -> _Cells:
+        k = centres.shape[0]
+        return cls(
+            np.broadcast_to(centres, (m,) + centres.shape), np.ones((m, k), bool)
+        )
+
+    def count(self) -> np.ndarray:
+        return self.valid.sum(axis=1)
+
+    def subset(self, kept: np.ndarray) -> _Cells:
+        """The kept cells (m, K) bool, in index order (no subdivision)."""
+        return _Cells(*compact_rows(self.centres, kept))
+
+
+@dataclasses.dataclass
 class _Scored:
     """Scores of a padded (rotation cells x shift cells) product grid."""
 
@@ -482,115 +525,85 @@ class _Scored:
     tv: np.ndarray  # (m, S, 2)
     tv_eval: np.ndarray  # (m, S, 2) clipped into the extent
     rot: np.ndarray  # (m, J, 3, 3)
-    origins: np.ndarray  # (m, J, S, 2)
     rot_shift: np.ndarray  # (m, J, 2) fulcrum term
-    e: np.ndarray  # (m, J, S) scores without priors
-    total: np.ndarray  # (m, J, S) with priors, inf where padded
-    valid: np.ndarray  # (m, J, S)
+    grid: object  # the scores without priors (engine/search_ops.py)
+    prior_r: np.ndarray  # (m, J) priors of the evaluated poses, inf on the padding
+    prior_s: np.ndarray  # (m, S)
+    n_valid: np.ndarray  # (m,) real poses
     jb: np.ndarray  # (m,) best rotation
     sb: np.ndarray  # (m,) best shift
+    best: np.ndarray  # (m,) its score with priors
 
 
-def _score_grid(
-    projector, x, ctf, inv_sigma2, a_cons, o_cons, rot_cells, shift_cells, radius, cfg
-):
-    m = x.shape[0]
-    rv, rvalid = _pad(rot_cells, 3)  # (m, J, 3)
-    tv, tvalid = _pad(shift_cells, 2)  # (m, S, 2)
+def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
+    rv, tv = rots.centres, shifts.centres
     rv_eval = clip_to_extent(rv, cfg["rot_ext"])
     tv_eval = clip_to_extent(tv, cfg["shift_ext"])
-    rot, origins = candidate_poses(a_cons, o_cons, cfg["fulcrum"], rv_eval, tv_eval)
-    rot_shift = origins[:, :, 0, :] - tv_eval[:, None, 0, :] - o_cons[:, None, :]
-    shifts = o_cons[:, None, :] + tv_eval  # (m, S, 2)
-    n_rot = rvalid.sum(axis=1)  # (m,)
-    n_shift = tvalid.sum(axis=1)
-    padded = m * rv.shape[1] * tv.shape[1] / max(int((n_rot * n_shift).sum()), 1)
-    if cfg["score_fn"] is score_poses and padded > _MAX_PADDING:
-        # uneven cell counts (typically the leaves): score each particle's own
-        # grid rather than the padded product (CPU; one call per particle costs
-        # little at these sizes, and a GPU replacement keeps the padded batch)
-        e = np.zeros((m, rv.shape[1], tv.shape[1]))
-        for i in range(m):
-            j, k = int(n_rot[i]), int(n_shift[i])
-            e[i, :j, :k] = score_poses(
-                projector,
-                x[i : i + 1],
-                ctf[i : i + 1],
-                inv_sigma2[i : i + 1],
-                rot[i : i + 1, :j],
-                shifts[i : i + 1, :k],
-                r_max_px=radius,
-                rotation_shifts_px=rot_shift[i : i + 1, :j],
-            )[0]
-    else:
-        e = cfg["score_fn"](
-            projector,
-            x,
-            ctf,
-            inv_sigma2,
-            rot,
-            shifts,
-            r_max_px=radius,
-            rotation_shifts_px=rot_shift,
-        )  # (m, J, S)
-    prior_r = _prior(np.linalg.norm(rv_eval, axis=-1), cfg["prior_rot"])  # (m, J)
-    prior_s = _prior(np.linalg.norm(tv_eval, axis=-1), cfg["prior_shift"])  # (m, S)
-    valid = rvalid[:, :, None] & tvalid[:, None, :]
-    total = np.where(valid, e + prior_r[:, :, None] + prior_s[:, None, :], np.inf)
-    jb, sb = np.unravel_index(np.argmin(total.reshape(m, -1), axis=1), total.shape[1:])
-    return _Scored(rv, tv, tv_eval, rot, origins, rot_shift, e, total, valid, jb, sb)
+    rot = a_cons[:, None] @ rotvec_to_matrix(rv_eval)  # (m, J, 3, 3): A_cons R(v)
+    rot_shift = fulcrum_shift(rot, a_cons[:, None], cfg["fulcrum"])  # (m, J, 2)
+    grid = ops.score(
+        rot,
+        o_cons[:, None, :] + tv_eval,
+        r_max_px=radius,
+        rotation_shifts_px=rot_shift,
+        counts=(rots.count(), shifts.count()),
+    )  # (m, J, S)
+    # priors, inf on the padding (so the padded poses drop out of every minimum)
+    prior_r = _prior(vector_norm(rv_eval), cfg["prior_rot"], rots.valid)  # (m, J)
+    prior_s = _prior(vector_norm(tv_eval), cfg["prior_shift"], shifts.valid)  # (m, S)
+    jb, sb, best = grid.best(prior_r, prior_s)
+    n_valid = rots.count() * shifts.count()
+    return _Scored(
+        rv, tv, tv_eval, rot, rot_shift, grid, prior_r, prior_s, n_valid, jb, sb, best
+    )
 
 
-def _upper_and_high_band(projector, x, ctf, inv_sigma2, o_cons, sc, radius, cfg):
+def _upper_and_high_band(ops, x, inv_sigma2, o_cons, sc, radius, cfg):
     """Full score of the best candidate (upper bound), high-band bound, power."""
     m, n = x.shape[0], x.shape[1]
     rows = np.arange(m)
     rot_b = sc.rot[rows, sc.jb]  # (m, 3, 3)
-    e_full = cfg["score_fn"](
-        projector,
-        x,
-        ctf,
-        inv_sigma2,
+    no_prior = np.zeros((m, 1))
+    e_full = ops.score(
         rot_b[:, None],
         o_cons[:, None, :] + sc.tv_eval[rows, sc.sb][:, None],
         r_max_px=cfg["r_max"],
         rotation_shifts_px=sc.rot_shift[rows, sc.jb][:, None],
-    )[:, 0, 0]
-    upper = e_full + (sc.total - sc.e)[rows, sc.jb, sc.sb]  # (m,) with priors
-    power, k = cfg["power_fn"](projector, ctf, inv_sigma2, rot_b, r_max_px=cfg["r_max"])
+        counts=(np.ones(m, np.int64), np.ones(m, np.int64)),
+    ).values(no_prior, no_prior)[:, 0, 0]
+    upper = e_full + sc.prior_r[rows, sc.jb] + sc.prior_s[rows, sc.sb]  # with priors
+    power, k = ops.power(rot_b, r_max_px=cfg["r_max"])
     high = k > radius
     h = power[:, high].sum(-1)  # (m,)
     if cfg["bound"] == "gaussian":
         high_bound = -0.5 * h - cfg["gamma"] * np.sqrt(h)
     else:
-        flat, _, _, mult, shell = half_plane_pixels(n, cfg["r_max"])
-        xh = x.reshape(m, -1)[:, flat][:, high]
-        xpow = (np.abs(xh) ** 2 * mult[high] * inv_sigma2[:, shell[high]]).sum(-1)
+        flat, kx, ky, mult, shell = half_plane_pixels(n, cfg["r_max"])
+        xhigh = np.hypot(kx, ky) > radius  # the image's own pixel order
+        xh = x.reshape(m, -1)[:, flat[xhigh]]
+        xpow = (np.abs(xh) ** 2 * mult[xhigh] * inv_sigma2[:, shell[xhigh]]).sum(-1)
         high_bound = 0.5 * h - np.sqrt(h * xpow)
     return upper, high_bound, power[:, ~high], k[~high], h
 
 
-def _kept(lower, upper, sc, rot_cells, shift_cells, caps):
-    """Per particle: indices of the rotation and shift cells that may hold the best."""
-    out, capped = [], [0, 0]
-    for i in range(lower.shape[0]):
-        nj, ns = rot_cells[i].shape[0], shift_cells[i].shape[0]
-        lb = lower[i, :nj, :ns]
-        kj, cj = _keep(lb.min(axis=1), upper[i], int(sc.jb[i]), caps[0])
-        ks, cs = _keep(lb.min(axis=0), upper[i], int(sc.sb[i]), caps[1])
-        out.append((kj, ks))
-        capped[0] += cj
-        capped[1] += cs
-    if any(capped):
+def _kept(minima, upper, sc, rots: _Cells, shifts: _Cells, caps):
+    """Per particle: the rotation and shift cells (m, J), (m, S) that may hold the best.
+
+    ``minima``: the lower bounds' minima over the shifts (m, J) and over the
+    rotations (m, S).
+    """
+    kj, cj = _keep(minima[0], rots.valid, upper, sc.jb, caps[0])
+    ks, cs = _keep(minima[1], shifts.valid, upper, sc.sb, caps[1])
+    if cj or cs:
         log.debug(
             "cell caps (%s rotations, %s shifts) bit for %d and %d of %d particles",
             caps[0],
             caps[1],
-            capped[0],
-            capped[1],
-            lower.shape[0],
+            cj,
+            cs,
+            sc.jb.size,
         )
-    return out
+    return kj, ks
 
 
 def _stage_caps(caps, r_max: float, next_radius: float):
@@ -617,28 +630,33 @@ def _search_batch(
 ) -> SearchResult:
     m, n = x.shape[0], x.shape[1]
     # lattices offset so that the leaves hold the consensus pose itself (zero)
-    rot_cells = [
+    rots = _Cells.same_for_all(
         rotation_grid(
             cfg["rot_ext"],
             stages[0].rotation_step_deg,
             finest_step_deg=stages[-1].rotation_step_deg,
-        )
-    ] * m
-    shift_cells = [
+        ),
+        m,
+    )
+    shifts = _Cells.same_for_all(
         shift_grid(
             cfg["shift_ext"],
             stages[0].shift_step_px,
             finest_step_px=stages[-1].shift_step_px,
-        )
-    ] * m
+        ),
+        m,
+    )
     n_eval = np.zeros(m, dtype=np.int64)
     gamma = cfg["gamma"]
-    args = (projector, x, ctf, inv_sigma2, a_cons, o_cons)
+    ops = batch_ops(
+        cfg["score_fn"], cfg["power_fn"], projector, x, ctf, inv_sigma2,
+        r_max_px=cfg["r_max"],
+    )  # fmt: skip
     for t, stage in enumerate(stages[:-1]):
-        sc = _score_grid(*args, rot_cells, shift_cells, stage.radius_px, cfg)
-        n_eval += sc.valid.sum(axis=(1, 2)) + 1  # + the upper-bound pose
+        sc = _score_grid(ops, a_cons, o_cons, rots, shifts, stage.radius_px, cfg)
+        n_eval += sc.n_valid + 1  # + the upper-bound pose
         upper, high_bound, power, k, h = _upper_and_high_band(
-            projector, x, ctf, inv_sigma2, o_cons, sc, stage.radius_px, cfg
+            ops, x, inv_sigma2, o_cons, sc, stage.radius_px, cfg
         )
         half_rot = np.deg2rad(np.sqrt(3) / 2 * stage.rotation_step_deg)
         half_shift = np.sqrt(2) / 2 * stage.shift_step_px
@@ -649,38 +667,30 @@ def _search_batch(
         change = np.minimum(4.0, 0.5 * (2 * np.pi * k / n) ** 2 * disp2)
         m_cell = 0.5 * (power * change).sum(-1)  # (m,)
         margin = m_cell + gamma * np.sqrt(2 * m_cell)
+        # priors at the cells' points nearest the consensus; inf on the padding
         rv_near = np.maximum(
-            np.linalg.norm(sc.rv, axis=-1) - np.sqrt(3) / 2 * stage.rotation_step_deg, 0
+            vector_norm(sc.rv) - np.sqrt(3) / 2 * stage.rotation_step_deg, 0
         )
-        tv_near = np.maximum(np.linalg.norm(sc.tv, axis=-1) - half_shift, 0)
-        lower = np.where(
-            sc.valid,
-            sc.e
-            + _prior(rv_near, cfg["prior_rot"])[:, :, None]
-            + _prior(tv_near, cfg["prior_shift"])[:, None, :]
-            - (margin - high_bound)[:, None, None],
-            np.inf,
-        )  # (m, J, S)
-        kept = _kept(
-            lower,
+        tv_near = np.maximum(vector_norm(sc.tv) - half_shift, 0)
+        prior_r = _prior(rv_near, cfg["prior_rot"], rots.valid)
+        prior_r -= (margin - high_bound)[:, None]
+        minima = sc.grid.minima(
+            prior_r, _prior(tv_near, cfg["prior_shift"], shifts.valid)
+        )  # of the lower bounds
+        kj, ks = _kept(
+            minima,
             upper + cfg["slack"],
             sc,
-            rot_cells,
-            shift_cells,
+            rots,
+            shifts,
             _stage_caps(cfg["caps"], cfg["r_max"], stages[t + 1].radius_px),
         )
-        rot_cells = [
-            subdivide_rotations(
-                rot_cells[i][kj], stage.rotation_step_deg, extent_deg=cfg["rot_ext"]
-            )
-            for i, (kj, _) in enumerate(kept)
-        ]
-        shift_cells = [
-            subdivide_shifts(
-                shift_cells[i][ks], stage.shift_step_px, extent_px=cfg["shift_ext"]
-            )
-            for i, (_, ks) in enumerate(kept)
-        ]
+        rots = _Cells(
+            *split_kept_cells(rots.centres, kj, stage.rotation_step_deg, cfg["rot_ext"])
+        )
+        shifts = _Cells(
+            *split_kept_cells(shifts.centres, ks, stage.shift_step_px, cfg["shift_ext"])
+        )
         log.debug(
             "stage %d: radius %.1f px, cells %.2f deg x %.3f px, poses per particle "
             "%.0f; bound terms (means): upper - best %.1f, cell margin %.1f, "
@@ -689,12 +699,12 @@ def _search_batch(
             stage.radius_px,
             stage.rotation_step_deg,
             stage.shift_step_px,
-            sc.valid.sum() / m,
-            np.mean(upper - sc.total[np.arange(m), sc.jb, sc.sb]),
+            sc.n_valid.mean(),
+            np.mean(upper - sc.best),
             np.mean(margin),
             np.mean(h),
-            np.mean([kj.size for kj, _ in kept]),
-            np.mean([ks.size for _, ks in kept]),
+            kj.sum() / m,
+            ks.sum() / m,
         )
 
     # last stage: leaves (cells of the final resolution) are points, so no cell
@@ -702,53 +712,51 @@ def _search_batch(
     # score the survivors fully.
     r_pre = stages[-2].radius_px if len(stages) > 1 else cfg["r_max"] / 2
     if cfg["prescreen"] and r_pre < cfg["r_max"]:
-        sc = _score_grid(*args, rot_cells, shift_cells, r_pre, cfg)
-        n_eval += sc.valid.sum(axis=(1, 2)) + 1
+        sc = _score_grid(ops, a_cons, o_cons, rots, shifts, r_pre, cfg)
+        n_eval += sc.n_valid + 1
         upper, high_bound, _, _, _ = _upper_and_high_band(
-            projector, x, ctf, inv_sigma2, o_cons, sc, r_pre, cfg
+            ops, x, inv_sigma2, o_cons, sc, r_pre, cfg
         )
-        lower = np.where(sc.valid, sc.total + high_bound[:, None, None], np.inf)
-        kept = _kept(
-            lower, upper + cfg["slack"], sc, rot_cells, shift_cells, (None, None)
-        )
+        over_s, over_r = sc.grid.minima(sc.prior_r, sc.prior_s)  # inf on the padding
+        minima = (over_s + high_bound[:, None], over_r + high_bound[:, None])
+        kj, ks = _kept(minima, upper + cfg["slack"], sc, rots, shifts, (None, None))
         log.debug(
             "leaves: pre-screen at radius %.1f px, poses per particle %.0f, kept "
             "rotations %.1f, shifts %.1f",
             r_pre,
-            sc.valid.sum() / m,
-            np.mean([kj.size for kj, _ in kept]),
-            np.mean([ks.size for _, ks in kept]),
+            sc.n_valid.mean(),
+            kj.sum() / m,
+            ks.sum() / m,
         )
-        rot_cells = [rot_cells[i][kj] for i, (kj, _) in enumerate(kept)]
-        shift_cells = [shift_cells[i][ks] for i, (_, ks) in enumerate(kept)]
-    sc = _score_grid(*args, rot_cells, shift_cells, cfg["r_max"], cfg)
-    n_eval += sc.valid.sum(axis=(1, 2))
+        rots, shifts = rots.subset(kj), shifts.subset(ks)
+    sc = _score_grid(ops, a_cons, o_cons, rots, shifts, cfg["r_max"], cfg)
+    n_eval += sc.n_valid
     log.debug(
         "leaves: radius %.1f px, poses per particle %.0f; total poses per particle %.0f",
         cfg["r_max"],
-        sc.valid.sum() / m,
+        sc.n_valid.mean(),
         n_eval.mean(),
     )
-    return _finish(
-        sc.total, sc.rot, sc.origins, sc.tv_eval, a_cons, n_eval, cfg["top_k"]
-    )
+    return _finish(sc, a_cons, o_cons, n_eval, cfg["top_k"])
 
 
-def _finish(total, rot, origins, tv_eval, a_cons, n_eval, top_k) -> SearchResult:
-    m = total.shape[0]
-    flat = total.reshape(m, -1)
-    k = min(top_k, flat.shape[1])
-    order = np.argsort(flat, axis=1, kind="stable")[:, :k]  # (m, K)
-    top_scores = np.take_along_axis(flat, order, axis=1)
-    j, s = np.unravel_index(order, total.shape[1:])
+def _finish(sc: _Scored, a_cons, o_cons, n_eval, top_k) -> SearchResult:
+    m = sc.jb.size
+    if top_k == 1:
+        j, s, top_scores = sc.jb[:, None], sc.sb[:, None], sc.best[:, None]
+    else:
+        flat = sc.grid.values(sc.prior_r, sc.prior_s).reshape(m, -1)
+        k = min(top_k, flat.shape[1])
+        order = np.argsort(flat, axis=1, kind="stable")[:, :k]  # (m, K)
+        top_scores = np.take_along_axis(flat, order, axis=1)
+        j, s = np.unravel_index(order, (sc.rot.shape[1], sc.tv.shape[1]))
     rows = np.arange(m)[:, None]
-    top_rot = rot[rows, j]  # (m, K, 3, 3)
-    top_orig = origins[rows, j, s]  # (m, K, 2)
+    top_rot = sc.rot[rows, j]  # (m, K, 3, 3)
+    # standard origins o_cons + t + fulcrum term (candidate_poses)
+    top_orig = o_cons[:, None, :] + sc.tv_eval[rows, s] + sc.rot_shift[rows, j]
     rel = np.exp(-(top_scores - top_scores[:, :1]))
     rel = np.where(np.isfinite(top_scores), rel, 0.0)
     weights = rel / rel.sum(axis=1, keepdims=True)
-    from .geometry import geodesic_angle_deg
-
     best_rot = top_rot[:, 0]
     return SearchResult(
         rotations=best_rot,
@@ -756,7 +764,7 @@ def _finish(total, rot, origins, tv_eval, a_cons, n_eval, top_k) -> SearchResult
         scores=top_scores[:, 0],
         n_evaluated=n_eval,
         rotation_change_deg=geodesic_angle_deg(best_rot, a_cons),
-        shift_change_px=np.linalg.norm(tv_eval[np.arange(m), s[:, 0]], axis=-1),
+        shift_change_px=vector_norm(sc.tv_eval[np.arange(m), s[:, 0]]),
         top_rotations=top_rot,
         top_origins_px=top_orig,
         top_scores=top_scores,
