@@ -60,7 +60,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from localrefine_plugin.engine.backprojector import BackProjector  # noqa: E402
 from localrefine_plugin.engine.ctf import CtfParams, ctf_2d  # noqa: E402
 from localrefine_plugin.engine.fourier import image_to_fourier  # noqa: E402
-from localrefine_plugin.engine.geometry import axis_angle_to_matrix, euler_to_matrix  # noqa: E402
+from localrefine_plugin.engine.geometry import (  # noqa: E402
+    axis_angle_to_matrix,
+    euler_to_matrix,
+    geodesic_angle_deg,
+)
 from localrefine_plugin.engine.projector import FourierProjector, forward_model  # noqa: E402
 from localrefine_plugin.engine.scoring import half_plane_pixels, score_poses  # noqa: E402
 from localrefine_plugin.engine.search import local_search  # noqa: E402
@@ -130,11 +134,12 @@ def timed(fn, repeat: int = 1):
 def bench_box(n: int, quick: bool, peaks, log) -> dict:
     import pycuda.driver as cuda
 
-    from localrefine_plugin.kernels import get_score_fn
+    from localrefine_plugin.kernels import get_power_fn, get_score_fn
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
     from localrefine_plugin.kernels.cuda_projector import _project_cuda, device_volume
     from localrefine_plugin.kernels.cuda_scoring import (
         VARIANTS,
+        _power_cuda,
         _score_cuda,
         _ScoreLaunch,
         byte_count,
@@ -235,8 +240,13 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     )
 
     # -- a whole local search (the search part of one iteration) -----------------------
-    m_s_gpu = (16 if quick else 256) if n <= 128 else (8 if quick else 64)
-    m_s_cpu = 1 if quick or n > 128 else 2
+    # --device cuda: the GPU score_fn binds each batch to the device (folded
+    # weights once, grids reduced on the GPU); "per call": the same kernels
+    # called stage by stage through the plain score_fn/power_fn interface
+    # (weights folded and scores downloaded at every call), as before the
+    # bound batches; the CPU path: engine score_poses.
+    m_s_gpu = (16 if quick else 512) if n <= 128 else (8 if quick else 256)
+    m_s_cpu = 1 if quick else (8 if n <= 128 else 4)
     xs, cs, ss, a_s, o_s = particles(proj, m_s_gpu, rng)
     a_cons = np.einsum(
         "mij,mjk->mik", a_s, axis_angle_to_matrix(rng.normal(size=(m_s_gpu, 3)), 3.0)
@@ -245,58 +255,70 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         consensus_rotations=a_cons, consensus_origins_px=o_s + 0.7,
         fulcrum_px=np.zeros(3), r_max_px=float(r_max),
     )  # fmt: skip
-    t_sg = timed(
-        lambda: local_search(
-            proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw
-        )
-    )
+    power_fn = get_power_fn()
+    configs = {
+        "bound": dict(score_fn=score_fn, power_fn=power_fn, batch_size=m_s_gpu),
+        "bound_batch128": dict(score_fn=score_fn, power_fn=power_fn, batch_size=128),
+        "per_call": dict(
+            score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
+            power_fn=lambda *a, **k: _power_cuda(*a, **k),
+            batch_size=m_s_gpu,
+        ),
+    }
+    found = {}
+    for key, cfg in configs.items():
+        sub = {k: (v[:4] if k.startswith("consensus") else v) for k, v in kw.items()}
+        local_search(proj, xs[:4], cs[:4], ss[:4], **sub, **cfg)  # warm (compiles)
+
+        def gpu_search(cfg=cfg, key=key):
+            found[key] = local_search(proj, xs, cs, ss, **kw, **cfg)
+
+        res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
+    res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
     profile = cProfile.Profile()
     profile.enable()
-    local_search(proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw)
+    local_search(proj, xs, cs, ss, **kw, **configs["bound"])
     profile.disable()
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(14)
     log(
-        f"  where the GPU local search spends its time (box {n}, cProfile, by own time):"
+        f"  where the GPU local search spends its time (box {n}, {m_s_gpu} particles, "
+        "cProfile, by own time):"
     )
-    log("\n".join("    " + line for line in text.getvalue().splitlines()[4:22]))
+    log("\n".join("    " + line for line in text.getvalue().splitlines()[4:24]))
     sub = {k: (v[:m_s_cpu] if k.startswith("consensus") else v) for k, v in kw.items()}
-    found = {}
 
     def cpu_search():
-        found["r"] = local_search(proj, xs[:m_s_cpu], cs[:m_s_cpu], ss[:m_s_cpu], **sub)
+        found["cpu"] = local_search(
+            proj, xs[:m_s_cpu], cs[:m_s_cpu], ss[:m_s_cpu], **sub
+        )
 
     t_sc = timed(cpu_search)
-    res["gpu_particles_per_s"] = m_s_gpu / t_sg
     res["cpu_particles_per_s"] = m_s_cpu / t_sc
-    res["poses_per_particle"] = float(np.mean(found["r"].n_evaluated))
+    res["poses_per_particle"] = float(np.mean(found["cpu"].n_evaluated))
+    res["gpu_poses_per_particle"] = float(np.mean(found["bound"].n_evaluated))
     res["gpu_particles_search"], res["cpu_particles_search"] = m_s_gpu, m_s_cpu
-    log(
-        f"  local search: GPU {res['gpu_particles_per_s']:.3g} particles/s ({m_s_gpu}), "
-        f"CPU {res['cpu_particles_per_s']:.3g} particles/s ({m_s_cpu}), ratio "
-        f"{res['gpu_particles_per_s'] / res['cpu_particles_per_s']:.0f}x, "
-        f"{res['poses_per_particle']:.0f} poses/particle"
+    same = np.isclose(
+        geodesic_angle_deg(found["bound"].rotations[:m_s_cpu], found["cpu"].rotations),
+        0.0,
+        atol=1e-3,
+    ) & np.all(
+        np.abs(found["bound"].origins_px[:m_s_cpu] - found["cpu"].origins_px) < 1e-3,
+        axis=1,
     )
-    # the bound's projection power on the GPU too (engine/search.py calls the
-    # engine's directly; replaced here, for this measurement only)
-    import localrefine_plugin.engine.search as search_mod
-    from localrefine_plugin.kernels.cuda_scoring import _power_cuda
-
-    engine_power = search_mod.weighted_projection_power
-    search_mod.weighted_projection_power = _power_cuda
-    try:
-        t_sp = timed(
-            lambda: local_search(
-                proj, xs, cs, ss, score_fn=score_fn, batch_size=m_s_gpu, **kw
-            )
-        )
-    finally:
-        search_mod.weighted_projection_power = engine_power
-    res["gpu_particles_per_s_gpu_bound"] = m_s_gpu / t_sp
+    res["same_pose_as_cpu"] = f"{int(same.sum())} of {m_s_cpu}"
+    cpu_rate = res["cpu_particles_per_s"]
     log(
-        f"  local search with the bound's power on the GPU too: "
-        f"{res['gpu_particles_per_s_gpu_bound']:.3g} particles/s, ratio "
-        f"{res['gpu_particles_per_s_gpu_bound'] / res['cpu_particles_per_s']:.0f}x"
+        f"  local search: GPU {res['gpu_particles_per_s']:.4g} particles/s "
+        f"({m_s_gpu} particles in one batch), CPU {cpu_rate:.3g} particles/s "
+        f"({m_s_cpu}), ratio {res['gpu_particles_per_s'] / cpu_rate:.0f}x; "
+        f"batches of 128: {res['gpu_particles_per_s_bound_batch128']:.4g} "
+        f"({res['gpu_particles_per_s_bound_batch128'] / cpu_rate:.0f}x); per-call "
+        f"scoring (no bound batch): {res['gpu_particles_per_s_per_call']:.4g} "
+        f"({res['gpu_particles_per_s_per_call'] / cpu_rate:.0f}x); "
+        f"{res['poses_per_particle']:.0f} poses/particle (GPU "
+        f"{res['gpu_poses_per_particle']:.0f}); same best pose as the CPU for "
+        f"{res['same_pose_as_cpu']} particles"
     )
 
     # -- projection and back-projection -------------------------------------------------
@@ -376,17 +398,21 @@ def main() -> int:
             f"{r['kernel_tbps']:.3f} ({100 * r.get('bandwidth_fraction', np.nan):.1f}%)"
         )
     for r in results["boxes"]:
+        cpu = r["cpu_particles_per_s"]
         log(
-            f"box {r['box']}: local search with the bound's power on the GPU: "
-            f"{r['gpu_particles_per_s_gpu_bound']:.3g} particles/s "
-            f"({r['gpu_particles_per_s_gpu_bound'] / r['cpu_particles_per_s']:.0f}x the CPU)"
+            f"box {r['box']}: local search particles/s: GPU bound batch of "
+            f"{r['gpu_particles_search']} {r['gpu_particles_per_s']:.4g} "
+            f"({r['gpu_particles_per_s'] / cpu:.0f}x), batches of 128 "
+            f"{r['gpu_particles_per_s_bound_batch128']:.4g} "
+            f"({r['gpu_particles_per_s_bound_batch128'] / cpu:.0f}x), per-call "
+            f"{r['gpu_particles_per_s_per_call']:.4g} "
+            f"({r['gpu_particles_per_s_per_call'] / cpu:.0f}x), CPU {cpu:.3g}; same "
+            f"pose as the CPU for {r['same_pose_as_cpu']}"
         )
     big = [r for r in results["boxes"] if r["box"] == 256]
     if big:
         r = big[0]
-        t_search = 1e6 / max(
-            r["gpu_particles_per_s"], r["gpu_particles_per_s_gpu_bound"]
-        )
+        t_search = 1e6 / r["gpu_particles_per_s"]
         t_insert = 1e6 / r["gpu_insert_float32_per_s"]
         results["million_particles_box256_s"] = t_search + t_insert
         log(

@@ -308,6 +308,8 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_j64_s64",
         "backproject_f32",
         "backproject_f64",
+        "grid_min_over_shifts",
+        "grid_min_over_rotations",
     }
     assert names == expected
 
@@ -316,8 +318,10 @@ def test_select_device_and_get_score_fn_with_pycuda(fake_pycuda):
     from localrefine_plugin import kernels
 
     assert backend.select_device("auto") == "cuda"
+    from localrefine_plugin.kernels.cuda_search_ops import CudaScoreFn
+
     fn = kernels.get_score_fn()
-    assert callable(fn) and fn.__name__ == "_score_cuda"
+    assert callable(fn) and isinstance(fn, CudaScoreFn)
     assert set(fake_pycuda["modules"]) == {"scoring.cu"}
 
 
@@ -421,13 +425,11 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     local search run with both finds the CPU search's poses."""
     from localrefine_plugin.engine.refine_device import select_backend
     from localrefine_plugin.engine.search import local_search
+    from localrefine_plugin.kernels.cuda_search_ops import CudaScoreFn
 
     gpu = select_backend("cuda")
-    assert (gpu.name, gpu.score_fn.__name__, gpu.power_fn.__name__) == (
-        "cuda",
-        "_score_cuda",
-        "_power_cuda",
-    )
+    assert gpu.name == "cuda" and isinstance(gpu.score_fn, CudaScoreFn)
+    assert gpu.power_fn == gpu.score_fn.power  # so bound batches compute it
     n, m = 24, 3
     proj = FourierProjector(blob_map(n, seed=4))
     a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
@@ -451,6 +453,16 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     np.testing.assert_allclose(got.rotations, cpu.rotations, atol=1e-9)
     np.testing.assert_allclose(got.origins_px, cpu.origins_px, atol=1e-9)
     np.testing.assert_allclose(got.scores, cpu.scores, rtol=1e-4, atol=1e-6)
+    # priors and the top-K poses (the last grid's values come back to the host)
+    kw.update(top_k=3, prior_sigma_rotation_deg=2.0, prior_sigma_shift_px=1.0)
+    cpu = local_search(proj, x, ctf, inv_s2, **kw)
+    got = local_search(
+        proj, x, ctf, inv_s2, score_fn=gpu.score_fn, power_fn=gpu.power_fn, **kw
+    )
+    np.testing.assert_allclose(got.top_rotations, cpu.top_rotations, atol=1e-9)
+    np.testing.assert_allclose(got.top_origins_px, cpu.top_origins_px, atol=1e-9)
+    np.testing.assert_allclose(got.top_weights, cpu.top_weights, atol=1e-3)
+    np.testing.assert_array_equal(got.n_evaluated, cpu.n_evaluated)
 
 
 @pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
@@ -475,3 +487,73 @@ def test_every_scoring_kernel_variant_scores_like_the_engine(fake_pycuda, rng, v
     launch.phase_table()
     got = launch.scores().get()
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
+
+
+def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
+    """`grid_min_over_shifts` / `_over_rotations` give the host's minima, first
+    arg-minima (ties included) and inf on the padding, over several chunks."""
+    from localrefine_plugin.engine.search_ops import HostGrid
+    from localrefine_plugin.kernels.backend import to_device
+    from localrefine_plugin.kernels.cuda_search_ops import CudaGrid
+
+    m, n_rot, n_shift = 5, 70, 9
+    e = rng.normal(0, 100, (m, n_rot, n_shift)).astype(np.float32)
+    e[1, 3, 4] = e[1, 2, 4] = e[1].min() - 1000  # a tie between rotations
+    e[2, 4, 5] = e[2, 4, 2] = e[2].min() - 1000  # a tie between shifts
+    add_r = rng.normal(0, 10, (m, n_rot))
+    add_s = rng.normal(0, 10, (m, n_shift))
+    add_r[:, 60:] = np.inf  # padded rotations
+    add_s[3, 7:] = np.inf  # padded shifts of one particle
+    add_r[1] = add_r[1, 2]
+    add_s[2] = 0.0
+    chunks = [
+        (0, 2, to_device(e[:2], np.float32)),
+        (2, 5, to_device(e[2:], np.float32)),
+    ]
+    gpu, host = CudaGrid(chunks, m, n_rot, n_shift), HostGrid(e.astype(np.float64))
+    for got, want in zip(gpu.best(add_r, add_s), host.best(add_r, add_s), strict=True):
+        np.testing.assert_array_equal(got, want)
+    j, s, _ = gpu.best(add_r, add_s)
+    assert (j[1], s[1], j[2], s[2]) == (2, 4, 4, 2)  # the first of the tied minima
+    for got, want in zip(
+        gpu.minima(add_r, add_s), host.minima(add_r, add_s), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(gpu.values(add_r, add_s), host.values(add_r, add_s))
+
+
+def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng):
+    """`CudaScoreFn.bind_batch`: scores at a smaller radius (a prefix of the
+    radius-sorted pixels) and the bound's power equal the engine's."""
+    from localrefine_plugin.engine.scoring import weighted_projection_power
+    from localrefine_plugin.engine.search_ops import HostGrid
+    from localrefine_plugin.kernels.cuda_scoring import get_score_fn
+
+    n, m, n_rot, n_shift = 20, 3, 5, 4
+    proj = FourierProjector(blob_map(n, seed=7))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    x = forward_model(proj, a, ctf=ctf)
+    x = x + rng.normal(0, 3, x.shape) + 1j * rng.normal(0, 3, x.shape)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    shifts = rng.uniform(-3, 3, (m, n_shift, 2))
+    rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=9.0)
+    zeros_r, zeros_s = np.zeros((m, n_rot)), np.zeros((m, n_shift))
+    for radius in (4.5, 9.0):
+        cpu = score_poses(
+            proj, x, ctf, inv_s2, rots, shifts, r_max_px=radius, rotation_shifts_px=rs
+        )
+        grid = ops.score(rots, shifts, r_max_px=radius, rotation_shifts_px=rs)
+        got = grid.values(zeros_r, zeros_s)
+        assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
+        j, s, _ = grid.best(zeros_r, zeros_s)
+        np.testing.assert_array_equal((j, s), HostGrid(cpu).best(zeros_r, zeros_s)[:2])
+    with pytest.raises(ValueError, match="exceeds"):
+        ops.score(rots, shifts, r_max_px=9.5, rotation_shifts_px=rs)
+    want, k_want = weighted_projection_power(proj, ctf, inv_s2, a, r_max_px=9.0)
+    got, k_got = ops.power(a, r_max_px=9.0)
+    order = np.argsort(k_want, kind="stable")  # the bound batch's radius order
+    np.testing.assert_allclose(k_got, k_want[order])
+    assert np.abs(got - want[:, order]).max() <= 1e-5 * np.abs(want).max()

@@ -118,8 +118,11 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
     np.testing.assert_array_equal(best_gpu, best_cpu)
 
 
-def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng):
-    from localrefine_plugin.kernels import get_score_fn
+@pytest.mark.parametrize("setting", ["score_fn", "score_and_power_priors_top3"])
+def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng, setting):
+    """The GPU score_fn (bound batches: grids scored and reduced on the device)
+    alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses."""
+    from localrefine_plugin.kernels import get_power_fn, get_score_fn
 
     n, m = 64, 24
     proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m, snr=0.5)
@@ -133,8 +136,15 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng):
         fulcrum_px=np.zeros(3), rotation_extent_deg=6.0, shift_extent_px=2.0,
         alignment_resolution_deg=0.5, r_max_px=24.0, batch_size=24,
     )  # fmt: skip
+    gpu_fns = {"score_fn": get_score_fn()}
+    if setting != "score_fn":
+        kw.update(
+            fulcrum_px=np.array([3.0, -2.0, 4.0]), prior_sigma_rotation_deg=3.0,
+            prior_sigma_shift_px=1.5, top_k=3,
+        )  # fmt: skip
+        gpu_fns["power_fn"] = get_power_fn()
     cpu = local_search(proj, x, ctf, inv_s2, **kw)
-    got = local_search(proj, x, ctf, inv_s2, score_fn=get_score_fn(), **kw)
+    got = local_search(proj, x, ctf, inv_s2, **gpu_fns, **kw)
     same = (geodesic_angle_deg(cpu.rotations, got.rotations) < 1e-3) & (
         np.abs(cpu.origins_px - got.origins_px).max(-1) < 1e-3
     )
@@ -238,3 +248,62 @@ def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
     launch.phase_table()
     got = launch.scores().get()
     assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
+
+
+def test_grid_reductions_match_the_host(gpu, rng):
+    """`grid_reduce.cu` on the GPU: the host's minima and first arg-minima
+    (float64 sums in the host's order), inf padding, several chunks."""
+    from localrefine_plugin.engine.search_ops import HostGrid
+    from localrefine_plugin.kernels.backend import to_device
+    from localrefine_plugin.kernels.cuda_search_ops import CudaGrid
+
+    m, n_rot, n_shift = 40, 700, 45
+    e = rng.normal(0, 1e4, (m, n_rot, n_shift)).astype(np.float32)
+    e[1, 3, 4] = e[1, 2, 4] = e[1].min() - 1e5  # tied minima: the first wins
+    add_r = rng.normal(0, 10, (m, n_rot))
+    add_s = rng.normal(0, 10, (m, n_shift))
+    add_r[:, 650:] = np.inf
+    add_s[3, 40:] = np.inf
+    add_r[1] = 0.0
+    add_s[1] = 0.0
+    chunks = [
+        (0, 25, to_device(e[:25], np.float32)),
+        (25, m, to_device(e[25:], np.float32)),
+    ]
+    grid, host = CudaGrid(chunks, m, n_rot, n_shift), HostGrid(e.astype(np.float64))
+    for got, want in zip(grid.best(add_r, add_s), host.best(add_r, add_s), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert grid.best(add_r, add_s)[0][1] == 2
+    for got, want in zip(
+        grid.minima(add_r, add_s), host.minima(add_r, add_s), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
+    """`CudaScoreFn.bind_batch`: a stage radius (prefix of the radius-sorted
+    pixels) and the full radius score as the engine; the bound's power too."""
+    from localrefine_plugin.engine.scoring import weighted_projection_power
+    from localrefine_plugin.kernels import get_score_fn
+
+    m, n_rot, n_shift = 6, 150, 40
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
+    delta = axis_angle_to_matrix(
+        rng.normal(size=(m, n_rot, 3)), rng.uniform(0, 6, (m, n_rot))
+    )
+    rots = np.einsum("mij,mnjk->mnik", a_true, delta)
+    shifts = o_true[:, None, :] + rng.uniform(-2, 2, (m, n_shift, 2))
+    rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=30.0)
+    zr, zs = np.zeros((m, n_rot)), np.zeros((m, n_shift))
+    for radius in (12.0, 30.0):
+        cpu = score_poses(
+            proj, x, ctf, inv_s2, rots, shifts, r_max_px=radius, rotation_shifts_px=rs
+        )
+        grid = ops.score(rots, shifts, r_max_px=radius, rotation_shifts_px=rs)
+        assert np.abs(grid.values(zr, zs) - cpu).max() <= 1e-4 * np.abs(cpu).max()
+    want, k_want = weighted_projection_power(proj, ctf, inv_s2, a_true, r_max_px=30.0)
+    got, k_got = ops.power(a_true, r_max_px=30.0)
+    order = np.argsort(k_want, kind="stable")
+    np.testing.assert_allclose(k_got, k_want[order])
+    assert np.abs(got - want[:, order]).max() <= 1e-4 * np.abs(want).max()

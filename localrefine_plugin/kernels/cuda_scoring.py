@@ -343,6 +343,9 @@ def score_poses(
 def get_score_fn():
     """The GPU ``score_fn`` for :func:`.engine.search.local_search`.
 
+    A :class:`.cuda_search_ops.CudaScoreFn`: called, it is :func:`_score_cuda`;
+    the search binds each batch to the device with its ``bind_batch``.
+
     Raises ``ImportError`` (no PyCUDA) or ``RuntimeError`` (no usable GPU),
     as ``engine/refine_device.py`` expects.
     """
@@ -359,17 +362,21 @@ def get_score_fn():
         raise RuntimeError(reason)
     ensure_context()
     load_kernels("scoring.cu")
-    return _score_cuda
+    from .cuda_search_ops import CudaScoreFn
+
+    return _SCORE_FN.setdefault("fn", CudaScoreFn())
+
+
+_SCORE_FN: dict = {}  # the one CudaScoreFn of the process
 
 
 def get_power_fn():
     """The GPU ``power_fn`` of :func:`.engine.search.local_search` (the bound's power).
 
-    Same checks and errors as :func:`get_score_fn`; the slices come from the
-    projection kernel (``_power_cuda``).
+    Same checks and errors as :func:`get_score_fn`: ``get_score_fn().power``
+    (``_power_cuda``; a bound batch computes it from its own weights).
     """
-    get_score_fn()
-    return _power_cuda
+    return get_score_fn().power
 
 
 def _power_host(projector, ctf, inv_sigma2, rotations, *, r_max_px):

@@ -1,0 +1,248 @@
+"""The local search's batch ops on the GPU (``engine/search_ops.py`` protocol).
+
+:func:`.engine.search.local_search` with the GPU ``score_fn`` (a
+:class:`CudaScoreFn`) binds each batch of particles once
+(:meth:`CudaScoreFn.bind_batch`):
+
+* the weights (CTF, ``1/sigma2``, multiplicity and the image, ``fold_weights``)
+  are folded once, at the search's full radius, over the half-plane pixels
+  sorted by radius, so every stage's smaller radius is a prefix of them
+  (uploaded once per radius);
+* each stage's grid is scored by ``phase_table`` + ``score_tiles`` into device
+  memory and reduced there by ``grid_min_over_shifts`` /
+  ``grid_min_over_rotations`` (``grid_reduce.cu``): only the (m, J) and
+  (m, S) minima come back, not the (m, J, S) scores;
+* the bound's projection power is ``project_slices`` on the same sorted pixels,
+  weighted on the host with the folded weights.
+
+Scores are float32 (as :mod:`.cuda_scoring`); the reductions add the float64
+priors in double, in the host's order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.scoring import half_plane_pixels
+from ..engine.search_ops import HostGrid
+from .backend import batch_size_for, load_kernels, to_device
+from .cuda_projector import device_volume
+from .cuda_scoring import (
+    ORIGIN_PHASE_SIGN,
+    VARIANTS,
+    _check,
+    _power_cuda,
+    _score_cuda,
+    fold_weights,
+)
+
+__all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
+
+_REDUCE_BLOCK = 64  # threads per block of the grid reductions
+
+
+class CudaScoreFn:
+    """The GPU ``score_fn``: :func:`.cuda_scoring._score_cuda` plus ``bind_batch``.
+
+    ``power`` is the GPU ``power_fn`` (:func:`.cuda_scoring._power_cuda`); pass
+    it as ``power_fn`` so that bound batches compute it from their own weights.
+    """
+
+    __name__ = "CudaScoreFn"
+
+    def __call__(self, *args, **kwargs):
+        return _score_cuda(*args, **kwargs)
+
+    def power(self, projector, ctf, inv_sigma2, rotations, *, r_max_px):
+        return _power_cuda(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
+
+    def bind_batch(self, projector, images_f, ctf, inv_sigma2, *, r_max_px):
+        return CudaBatchOps(projector, images_f, ctf, inv_sigma2, r_max_px=r_max_px)
+
+
+class CudaGrid:
+    """Scores of a padded pose grid in device memory, in particle chunks.
+
+    ``chunks``: list of ``(start, stop, e)`` with ``e`` a (b, J, S) float32
+    GPUArray for particles ``start:stop``.
+    """
+
+    def __init__(self, chunks, m: int, n_rot: int, n_shift: int):
+        self.chunks, self.m, self.n_rot, self.n_shift = chunks, m, n_rot, n_shift
+        module = load_kernels("grid_reduce.cu")
+        self._over_shifts = module.get_function("grid_min_over_shifts")
+        self._over_rotations = module.get_function("grid_min_over_rotations")
+
+    def _run(self, add_r, add_s, *, rotations: bool):
+        from pycuda import gpuarray
+
+        add_r = np.asarray(add_r, dtype=np.float64)
+        add_s = np.asarray(add_s, dtype=np.float64)
+        j_n, s_n = self.n_rot, self.n_shift
+        mins_j = np.empty((self.m, j_n))
+        args_j = np.empty((self.m, j_n), dtype=np.int64)
+        mins_s = np.empty((self.m, s_n)) if rotations else None
+        for start, stop, e_g in self.chunks:
+            b = stop - start
+            a_g = to_device(add_r[start:stop], np.float64)
+            b_g = to_device(add_s[start:stop], np.float64)
+            min_g = gpuarray.empty((b, j_n), dtype=np.float64)
+            arg_g = gpuarray.empty((b, j_n), dtype=np.int32)
+            self._over_shifts(
+                e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), min_g, arg_g,
+                block=(_REDUCE_BLOCK, 1, 1), grid=(-(-j_n // _REDUCE_BLOCK), b),
+            )  # fmt: skip
+            mins_j[start:stop] = min_g.get()
+            args_j[start:stop] = arg_g.get()
+            if rotations:
+                out_g = gpuarray.empty((b, s_n), dtype=np.float64)
+                self._over_rotations(
+                    e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), out_g,
+                    block=(_REDUCE_BLOCK, 1, 1), grid=(-(-s_n // _REDUCE_BLOCK), b),
+                )  # fmt: skip
+                mins_s[start:stop] = out_g.get()
+        return mins_j, args_j, mins_s
+
+    def best(self, add_r, add_s):
+        """Per particle ``(j, s, value)`` of the first minimum (search_ops protocol)."""
+        mins_j, args_j, _ = self._run(add_r, add_s, rotations=False)
+        j = np.argmin(mins_j, axis=1)
+        rows = np.arange(self.m)
+        return j, args_j[rows, j], mins_j[rows, j]
+
+    def minima(self, add_r, add_s):
+        """Minima over the shifts (m, J) and over the rotations (m, S)."""
+        mins_j, _, mins_s = self._run(add_r, add_s, rotations=True)
+        return mins_j, mins_s
+
+    def values(self, add_r, add_s):
+        """All values (m, J, S) (downloads the scores)."""
+        e = np.concatenate([e_g.get() for _, _, e_g in self.chunks])
+        return HostGrid(e).values(np.asarray(add_r), np.asarray(add_s))
+
+
+class CudaBatchOps:
+    """One batch of particles on the device (``engine/search_ops.py`` batch ops).
+
+    Arguments as :func:`.cuda_scoring._score_cuda`'s first four; ``r_max_px`` is
+    the search's largest radius (every scoring radius must be at most this).
+    """
+
+    def __init__(self, projector, images_f, ctf, inv_sigma2, *, r_max_px: float):
+        images_f, ctf, inv_sigma2, *_ = _check(
+            images_f, ctf, inv_sigma2, np.zeros((len(images_f), 1, 3, 3)),
+            np.zeros((len(images_f), 1, 2)), r_max_px, None,
+        )  # fmt: skip
+        self.m, self.n = images_f.shape[:2]
+        self.projector = projector
+        self.r_max = float(r_max_px)
+        self.vol = device_volume(projector)
+        flat, kx, ky, mult, shell = half_plane_pixels(self.n, self.r_max)
+        k2 = kx * kx + ky * ky
+        order = np.argsort(k2, kind="stable")  # radius order: prefixes are discs
+        self.k2 = k2[order]
+        self.radius = np.sqrt(self.k2)
+        self.kx_g = to_device(kx[order], np.float32)
+        self.ky_g = to_device(ky[order], np.float32)
+        self.npix_max = order.size
+        self.w1, self.y = fold_weights(
+            images_f, ctf, inv_sigma2, flat[order], mult[order], shell[order]
+        )  # (m, P) float32, complex64
+        self._weights: dict[int, tuple] = {}
+        module = load_kernels("scoring.cu")
+        self._phase_table = module.get_function("phase_table")
+        self._kernels = {v: module.get_function(k) for v, (k, _, _) in VARIANTS.items()}
+
+    def _npix(self, r_max_px: float) -> int:
+        """Pixels within ``r_max_px`` (the same set as ``half_plane_pixels``)."""
+        if float(r_max_px) > self.r_max:
+            raise ValueError(
+                f"scoring radius {r_max_px} exceeds the bound batch's {self.r_max}"
+            )
+        return int(np.searchsorted(self.k2, float(r_max_px) ** 2, side="right"))
+
+    def _chunk_weights(self, npix: int, start: int, stop: int):
+        key = (npix, start, stop)
+        hit = self._weights.get(key)
+        if hit is None:
+            hit = (
+                to_device(self.y[start:stop, :npix], np.complex64),
+                to_device(self.w1[start:stop, :npix], np.float32),
+            )
+            self._weights[key] = hit
+        return hit
+
+    def score(self, rotations, shifts_px, *, r_max_px, rotation_shifts_px, counts=None):
+        """Score the padded grid on the device; returns a :class:`CudaGrid`."""
+        from pycuda import gpuarray
+
+        m = self.m
+        n_rot, n_shift = rotations.shape[1], shifts_px.shape[1]
+        npix = self._npix(r_max_px)
+        variant = "s64" if n_shift > 32 else "s32"
+        _, rot_tile, shift_tile = VARIANTS[variant]
+        per_particle = 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (11 + n_shift)
+        batch = batch_size_for(per_particle, fixed_bytes=self.vol.nbytes, cap=65535)
+        rs = (
+            np.zeros(rotations.shape[:2] + (2,))
+            if rotation_shifts_px is None
+            else (rotation_shifts_px)
+        )
+        chunks = []
+        for start in range(0, m, batch):
+            stop = min(start + batch, m)
+            b = stop - start
+            y_g, w1_g = self._chunk_weights(npix, start, stop)
+            sh_g = to_device(shifts_px[start:stop], np.float32)
+            z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
+            self._phase_table(
+                y_g, sh_g, np.int32(b), np.int32(n_shift), self.kx_g, self.ky_g,
+                np.int32(npix), np.int32(self.n), np.float32(ORIGIN_PHASE_SIGN), z_g,
+                block=(128, 1, 1), grid=((npix + 127) // 128, n_shift, b),
+            )  # fmt: skip
+            rot_g = to_device(rotations[start:stop].reshape(b, n_rot, 9), np.float32)
+            rs_g = to_device(rs[start:stop], np.float32)
+            e_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
+            self._kernels[variant](
+                self.vol, np.int32(self.projector.c), np.float32(self.projector.padding),
+                rot_g, rs_g, np.int32(self.n), np.float32(ORIGIN_PHASE_SIGN),
+                np.int32(b), np.int32(n_rot), self.kx_g, self.ky_g, w1_g, z_g,
+                np.int32(n_shift), np.int32(npix), e_g,
+                block=(16, 16, 1),
+                grid=(-(-n_rot // rot_tile), -(-n_shift // shift_tile), b),
+            )  # fmt: skip
+            chunks.append((start, stop, e_g))
+        return CudaGrid(chunks, m, n_rot, n_shift)
+
+    def power(self, rotations, *, r_max_px):
+        """The bound's power (m, P) and ``|k|`` (P,), pixels in radius order.
+
+        ``mult c^2 |P|^2 / sigma2`` per pixel (:func:`.scoring.weighted_projection_power`,
+        whose pixel order differs; the search uses only sums over radius masks).
+        """
+        from pycuda import gpuarray
+
+        npix = self._npix(r_max_px)
+        m = self.m
+        kernel = load_kernels("projector.cu").get_function("project_slices")
+        dest_g = self._identity(npix)
+        rot_g = to_device(
+            np.asarray(rotations, dtype=np.float64).reshape(m, 9), np.float32
+        )
+        out_g = gpuarray.empty((m, npix), dtype=np.complex64)
+        kernel(
+            self.vol, np.int32(self.projector.c), np.float32(self.projector.padding),
+            rot_g, np.int32(m), self.kx_g, self.ky_g, dest_g, np.int32(npix), out_g,
+            np.int32(npix), block=(128, 1, 1), grid=((npix + 127) // 128, m),
+        )  # fmt: skip
+        proj = out_g.get()
+        power = proj.real.astype(np.float64) ** 2 + proj.imag.astype(np.float64) ** 2
+        power *= 2.0 * self.w1[:, :npix]  # w1 = 0.5 mult c^2 / sigma2
+        return power, self.radius[:npix]
+
+    def _identity(self, npix: int):
+        hit = self._weights.get(("dest", npix))
+        if hit is None:
+            hit = to_device(np.arange(npix), np.int32)
+            self._weights[("dest", npix)] = hit
+        return hit
