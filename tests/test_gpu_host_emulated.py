@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def _emulator(source: str, kernels: dict) -> ctypes.CDLL:
 # -- emulated PyCUDA ---------------------------------------------------------------
 
 _MEMORY: dict[int, np.ndarray] = {}
+#: the emulator's block state is global, so launches from several host threads
+#: (the search's --threads) run one after another
+_LAUNCH_LOCK = threading.Lock()
 
 
 class FakeGPUArray:
@@ -224,7 +228,8 @@ class FakeFunction:
         assert len(block) == 3 and np.prod(block) <= 1024
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:])
         self.launches.append((self.name, block, grid))
-        self.fn(*grid, *block, *values)
+        with _LAUNCH_LOCK:  # one kernel at a time, as on one CUDA stream
+            self.fn(*grid, *block, *values)
 
 
 class FakeModule:
@@ -263,7 +268,10 @@ def fake_pycuda(monkeypatch, emulator_dir):
         pytest.skip("g++ is needed to run the kernels on the CPU")
     drv = types.ModuleType("pycuda.driver")
     dev = types.SimpleNamespace(name=lambda: "Emulated GPU")
-    ctx = types.SimpleNamespace(push=lambda: None)
+    pushed_in: list[int] = []  # threads that made the context current
+    ctx = types.SimpleNamespace(
+        push=lambda: pushed_in.append(threading.get_ident()), pushed_in=pushed_in
+    )
     dev.retain_primary_context = lambda: ctx
     drv.init = lambda: None
     drv.Device = lambda i=0: dev
@@ -310,6 +318,8 @@ def test_every_kernel_is_found_by_the_emulator():
         "backproject_f64",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
+        "fold_weights",
+        "projection_power",
     }
     assert names == expected
 
@@ -463,6 +473,17 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     np.testing.assert_allclose(got.top_origins_px, cpu.top_origins_px, atol=1e-9)
     np.testing.assert_allclose(got.top_weights, cpu.top_weights, atol=1e-3)
     np.testing.assert_array_equal(got.n_evaluated, cpu.n_evaluated)
+    # batches searched in worker threads (--threads): each thread makes the
+    # context current once, and the result does not change
+    ctx = fake_pycuda["context"]
+    before = set(ctx.pushed_in)
+    threaded = local_search(
+        proj, x, ctf, inv_s2, score_fn=gpu.score_fn, power_fn=gpu.power_fn,
+        batch_size=1, threads=3, **kw,
+    )  # fmt: skip
+    assert len(set(ctx.pushed_in) - before) >= 2
+    np.testing.assert_array_equal(threaded.top_rotations, got.top_rotations)
+    np.testing.assert_array_equal(threaded.top_scores, got.top_scores)
 
 
 @pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
@@ -522,9 +543,11 @@ def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
     np.testing.assert_array_equal(gpu.values(add_r, add_s), host.values(add_r, add_s))
 
 
-def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng):
+@pytest.mark.parametrize("shared", [False, True])
+def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
     """`CudaScoreFn.bind_batch`: scores at a smaller radius (a prefix of the
-    radius-sorted pixels) and the bound's power equal the engine's."""
+    radius-sorted pixels) and the bound's power equal the engine's, with a CTF
+    and noise model per particle or one shared by all (uploaded once)."""
     from localrefine_plugin.engine.scoring import weighted_projection_power
     from localrefine_plugin.engine.search_ops import HostGrid
     from localrefine_plugin.kernels.cuda_scoring import get_score_fn
@@ -533,13 +556,16 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng):
     proj = FourierProjector(blob_map(n, seed=7))
     a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
     ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
-    x = forward_model(proj, a, ctf=ctf)
-    x = x + rng.normal(0, 3, x.shape) + 1j * rng.normal(0, 3, x.shape)
     inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    if shared:
+        ctf, inv_s2 = ctf[:1], inv_s2[:1]
+    x = forward_model(proj, a, ctf=np.broadcast_to(ctf, (m,) + ctf.shape[1:]))
+    x = x + rng.normal(0, 3, x.shape) + 1j * rng.normal(0, 3, x.shape)
     rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
     shifts = rng.uniform(-3, 3, (m, n_shift, 2))
     rs = rng.uniform(-1, 1, (m, n_rot, 2))
     ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=9.0)
+    assert (ops.ctf_stride == 0) == shared and (ops.sigma_stride == 0) == shared
     zeros_r, zeros_s = np.zeros((m, n_rot)), np.zeros((m, n_shift))
     for radius in (4.5, 9.0):
         cpu = score_poses(
@@ -552,7 +578,9 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng):
         np.testing.assert_array_equal((j, s), HostGrid(cpu).best(zeros_r, zeros_s)[:2])
     with pytest.raises(ValueError, match="exceeds"):
         ops.score(rots, shifts, r_max_px=9.5, rotation_shifts_px=rs)
-    want, k_want = weighted_projection_power(proj, ctf, inv_s2, a, r_max_px=9.0)
+    want, k_want = weighted_projection_power(
+        proj, np.broadcast_to(ctf, x.shape), inv_s2, a, r_max_px=9.0
+    )
     got, k_got = ops.power(a, r_max_px=9.0)
     order = np.argsort(k_want, kind="stable")  # the bound batch's radius order
     np.testing.assert_allclose(k_got, k_want[order])

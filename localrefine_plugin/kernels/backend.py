@@ -47,6 +47,7 @@ KERNEL_DIR = Path(__file__).resolve().parent
 
 _lock = threading.Lock()
 _state: dict = {"context": None, "gpu": None, "modules": {}}
+_thread = threading.local()  # .current: the context pushed in this thread
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -130,10 +131,13 @@ def select_device(name: str) -> str:
 
 
 def ensure_context(gpu: int | None = None):
-    """Make the primary context of ``gpu`` current in this thread (once per process).
+    """Make the primary context of ``gpu`` current in this thread.
 
     Returns the PyCUDA context. The GPU is ``gpu``, else the one chosen by
-    :func:`select_device`, else ``$LOCALREFINE_GPU``, else 0.
+    :func:`select_device`, else ``$LOCALREFINE_GPU``, else 0. The context is
+    made once per process and pushed once in every thread that calls this
+    (a CUDA context is current per thread: the searches of ``--threads`` run
+    in worker threads).
     """
     import pycuda.driver as cuda
 
@@ -146,6 +150,7 @@ def ensure_context(gpu: int | None = None):
                 gpu = int(os.environ.get("LOCALREFINE_GPU", "0"))
             ctx = cuda.Device(gpu).retain_primary_context()
             ctx.push()
+            _thread.current = ctx
             _state["context"], _state["gpu"] = ctx, gpu
 
             import atexit
@@ -158,7 +163,11 @@ def ensure_context(gpu: int | None = None):
 
             atexit.register(_pop)
             log.debug("CUDA context on GPU %d (%s)", gpu, cuda.Device(gpu).name())
-        return _state["context"]
+        ctx = _state["context"]
+    if getattr(_thread, "current", None) is not ctx:  # a new thread (or state reset)
+        ctx.push()
+        _thread.current = ctx
+    return ctx
 
 
 def load_kernels(filename: str):

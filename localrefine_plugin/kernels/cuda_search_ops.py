@@ -4,16 +4,16 @@
 :class:`CudaScoreFn`) binds each batch of particles once
 (:meth:`CudaScoreFn.bind_batch`):
 
-* the weights (CTF, ``1/sigma2``, multiplicity and the image, ``fold_weights``)
-  are folded once, at the search's full radius, over the half-plane pixels
-  sorted by radius, so every stage's smaller radius is a prefix of them
-  (uploaded once per radius);
+* the images, CTFs and ``1/sigma2`` are uploaded once; kernel ``fold_weights``
+  (``search_prep.cu``) folds them into the scoring weights over the half-plane
+  pixels sorted by radius, so every stage's radius is a prefix of one table
+  (folded once per radius);
 * each stage's grid is scored by ``phase_table`` + ``score_tiles`` into device
   memory and reduced there by ``grid_min_over_shifts`` /
   ``grid_min_over_rotations`` (``grid_reduce.cu``): only the (m, J) and
   (m, S) minima come back, not the (m, J, S) scores;
-* the bound's projection power is ``project_slices`` on the same sorted pixels,
-  weighted on the host with the folded weights.
+* the bound's projection power is kernel ``projection_power`` on the same
+  sorted pixels, weighted by the folded weights on the device.
 
 Scores are float32 (as :mod:`.cuda_scoring`); the reductions add the float64
 priors in double, in the host's order.
@@ -25,7 +25,7 @@ import numpy as np
 
 from ..engine.scoring import half_plane_pixels
 from ..engine.search_ops import HostGrid
-from .backend import batch_size_for, load_kernels, to_device
+from .backend import batch_size_for, ensure_context, load_kernels, to_device
 from .cuda_projector import device_volume
 from .cuda_scoring import (
     ORIGIN_PHASE_SIGN,
@@ -33,7 +33,6 @@ from .cuda_scoring import (
     _check,
     _power_cuda,
     _score_cuda,
-    fold_weights,
 )
 
 __all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
@@ -126,6 +125,8 @@ class CudaBatchOps:
 
     Arguments as :func:`.cuda_scoring._score_cuda`'s first four; ``r_max_px`` is
     the search's largest radius (every scoring radius must be at most this).
+    The images, CTFs and ``1/sigma2`` are uploaded once (float32); kernel
+    ``fold_weights`` (``search_prep.cu``) folds them for each scoring radius.
     """
 
     def __init__(self, projector, images_f, ctf, inv_sigma2, *, r_max_px: float):
@@ -133,6 +134,7 @@ class CudaBatchOps:
             images_f, ctf, inv_sigma2, np.zeros((len(images_f), 1, 3, 3)),
             np.zeros((len(images_f), 1, 2)), r_max_px, None,
         )  # fmt: skip
+        ensure_context()  # this thread's (the search's worker threads)
         self.m, self.n = images_f.shape[:2]
         self.projector = projector
         self.r_max = float(r_max_px)
@@ -144,14 +146,27 @@ class CudaBatchOps:
         self.radius = np.sqrt(self.k2)
         self.kx_g = to_device(kx[order], np.float32)
         self.ky_g = to_device(ky[order], np.float32)
-        self.npix_max = order.size
-        self.w1, self.y = fold_weights(
-            images_f, ctf, inv_sigma2, flat[order], mult[order], shell[order]
-        )  # (m, P) float32, complex64
-        self._weights: dict[int, tuple] = {}
+        self.flat_g = to_device(flat[order], np.int32)
+        self.mult_g = to_device(mult[order], np.float32)
+        self.shell_g = to_device(shell[order], np.int32)
+        self.image_size = self.n * (self.n // 2 + 1)
+        self.images_g = to_device(images_f.reshape(self.m, -1), np.complex64)
+        # a CTF / noise model shared by every particle is uploaded once (stride 0)
+        shared_ctf = ctf.strides[0] == 0
+        self.ctf_stride = 0 if shared_ctf else self.image_size
+        self.ctf_g = to_device(ctf[:1] if shared_ctf else ctf, np.float32)
+        shared_sigma = inv_sigma2.strides[0] == 0
+        self.sigma_stride = 0 if shared_sigma else inv_sigma2.shape[1]
+        self.sigma_g = to_device(
+            inv_sigma2[:1] if shared_sigma else inv_sigma2, np.float32
+        )
+        self._cache: dict = {}
         module = load_kernels("scoring.cu")
         self._phase_table = module.get_function("phase_table")
         self._kernels = {v: module.get_function(k) for v, (k, _, _) in VARIANTS.items()}
+        prep = load_kernels("search_prep.cu")
+        self._fold = prep.get_function("fold_weights")
+        self._power = prep.get_function("projection_power")
 
     def _npix(self, r_max_px: float) -> int:
         """Pixels within ``r_max_px`` (the same set as ``half_plane_pixels``)."""
@@ -161,15 +176,23 @@ class CudaBatchOps:
             )
         return int(np.searchsorted(self.k2, float(r_max_px) ** 2, side="right"))
 
-    def _chunk_weights(self, npix: int, start: int, stop: int):
+    def _weights(self, npix: int, start: int, stop: int):
+        """``(Y, w1)`` of particles ``start:stop`` over the first ``npix`` pixels (cached)."""
+        from pycuda import gpuarray
+
         key = (npix, start, stop)
-        hit = self._weights.get(key)
+        hit = self._cache.get(key)
         if hit is None:
-            hit = (
-                to_device(self.y[start:stop, :npix], np.complex64),
-                to_device(self.w1[start:stop, :npix], np.float32),
-            )
-            self._weights[key] = hit
+            b = stop - start
+            y_g = gpuarray.empty((b, npix), dtype=np.complex64)
+            w1_g = gpuarray.empty((b, npix), dtype=np.float32)
+            self._fold(
+                self.images_g, self.ctf_g, np.int32(self.ctf_stride), self.sigma_g,
+                np.int32(self.sigma_stride), self.flat_g, self.mult_g, self.shell_g,
+                np.int32(start), np.int32(b), np.int32(npix), np.int32(self.image_size),
+                w1_g, y_g, block=(128, 1, 1), grid=((npix + 127) // 128, b),
+            )  # fmt: skip
+            hit = self._cache[key] = (y_g, w1_g)
         return hit
 
     def score(self, rotations, shifts_px, *, r_max_px, rotation_shifts_px, counts=None):
@@ -192,7 +215,7 @@ class CudaBatchOps:
         for start in range(0, m, batch):
             stop = min(start + batch, m)
             b = stop - start
-            y_g, w1_g = self._chunk_weights(npix, start, stop)
+            y_g, w1_g = self._weights(npix, start, stop)
             sh_g = to_device(shifts_px[start:stop], np.float32)
             z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
             self._phase_table(
@@ -218,31 +241,21 @@ class CudaBatchOps:
         """The bound's power (m, P) and ``|k|`` (P,), pixels in radius order.
 
         ``mult c^2 |P|^2 / sigma2`` per pixel (:func:`.scoring.weighted_projection_power`,
-        whose pixel order differs; the search uses only sums over radius masks).
+        whose pixel order differs; the search uses only sums over radius masks),
+        computed in float32 by kernel ``projection_power``.
         """
         from pycuda import gpuarray
 
         npix = self._npix(r_max_px)
         m = self.m
-        kernel = load_kernels("projector.cu").get_function("project_slices")
-        dest_g = self._identity(npix)
+        _, w1_g = self._weights(npix, 0, m)
         rot_g = to_device(
             np.asarray(rotations, dtype=np.float64).reshape(m, 9), np.float32
         )
-        out_g = gpuarray.empty((m, npix), dtype=np.complex64)
-        kernel(
+        out_g = gpuarray.empty((m, npix), dtype=np.float32)
+        self._power(
             self.vol, np.int32(self.projector.c), np.float32(self.projector.padding),
-            rot_g, np.int32(m), self.kx_g, self.ky_g, dest_g, np.int32(npix), out_g,
-            np.int32(npix), block=(128, 1, 1), grid=((npix + 127) // 128, m),
+            rot_g, np.int32(m), self.kx_g, self.ky_g, w1_g, np.int32(npix), out_g,
+            block=(128, 1, 1), grid=((npix + 127) // 128, m),
         )  # fmt: skip
-        proj = out_g.get()
-        power = proj.real.astype(np.float64) ** 2 + proj.imag.astype(np.float64) ** 2
-        power *= 2.0 * self.w1[:, :npix]  # w1 = 0.5 mult c^2 / sigma2
-        return power, self.radius[:npix]
-
-    def _identity(self, npix: int):
-        hit = self._weights.get(("dest", npix))
-        if hit is None:
-            hit = to_device(np.arange(npix), np.int32)
-            self._weights[("dest", npix)] = hit
-        return hit
+        return out_g.get().astype(np.float64), self.radius[:npix]
