@@ -269,14 +269,32 @@ def fake_pycuda(monkeypatch, emulator_dir):
     drv = types.ModuleType("pycuda.driver")
     dev = types.SimpleNamespace(name=lambda: "Emulated GPU")
     pushed_in: list[int] = []  # threads that made the context current
-    ctx = types.SimpleNamespace(
-        push=lambda: pushed_in.append(threading.get_ident()), pushed_in=pushed_in
-    )
+    stacks = threading.local()  # CUDA's per-thread context stacks
+
+    depth: dict[int, int] = {}  # contexts pushed and not popped, per thread
+
+    def push():
+        me = threading.get_ident()
+        pushed_in.append(me)
+        depth[me] = depth.get(me, 0) + 1
+        stacks.__dict__.setdefault("s", []).append(ctx)
+
+    def pop():
+        assert stacks.__dict__.get("s"), "pop without a pushed context"
+        stacks.s.pop()
+        depth[threading.get_ident()] -= 1
+
+    def get_current():
+        return (stacks.__dict__.get("s") or [None])[-1]
+
+    ctx = types.SimpleNamespace(push=push, pushed_in=pushed_in, depth=depth)
     dev.retain_primary_context = lambda: ctx
     drv.init = lambda: None
     drv.Device = lambda i=0: dev
     drv.Device.count = lambda: 1
-    drv.Context = types.SimpleNamespace(pop=lambda: None, get_device=lambda: dev)
+    drv.Context = types.SimpleNamespace(
+        pop=pop, get_device=lambda: dev, get_current=get_current
+    )
     drv.mem_get_info = lambda: (2**24, 2**25)  # 16 MiB free: forces several batches
     drv.memset_d8 = _memset_d8
     ga = types.ModuleType("pycuda.gpuarray")
@@ -481,7 +499,10 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
         proj, x, ctf, inv_s2, score_fn=gpu.score_fn, power_fn=gpu.power_fn,
         batch_size=1, threads=3, **kw,
     )  # fmt: skip
-    assert len(set(ctx.pushed_in) - before) >= 2
+    workers = set(ctx.pushed_in) - before
+    assert len(workers) >= 2 and threading.get_ident() not in workers
+    # every worker popped what it pushed (PyCUDA aborts at thread exit otherwise)
+    assert all(ctx.depth[w] == 0 for w in workers), ctx.depth
     np.testing.assert_array_equal(threaded.top_rotations, got.top_rotations)
     np.testing.assert_array_equal(threaded.top_scores, got.top_scores)
 

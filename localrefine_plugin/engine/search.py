@@ -628,7 +628,7 @@ def _stage_caps(caps, r_max: float, next_radius: float):
 def _search_batch(
     projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
 ) -> SearchResult:
-    m, n = x.shape[0], x.shape[1]
+    m = x.shape[0]
     # lattices offset so that the leaves hold the consensus pose itself (zero)
     rots = _Cells.same_for_all(
         rotation_grid(
@@ -646,12 +646,27 @@ def _search_batch(
         ),
         m,
     )
-    n_eval = np.zeros(m, dtype=np.int64)
-    gamma = cfg["gamma"]
     ops = batch_ops(
         cfg["score_fn"], cfg["power_fn"], projector, x, ctf, inv_sigma2,
         r_max_px=cfg["r_max"],
     )  # fmt: skip
+    try:
+        # the stages' grids are freed when this call returns, before close()
+        return _search_stages(
+            ops, x, inv_sigma2, a_cons, o_cons, rots, shifts, stages, cfg
+        )
+    finally:
+        close = getattr(ops, "close", None)
+        if close is not None:
+            close()
+
+
+def _search_stages(
+    ops, x, inv_sigma2, a_cons, o_cons, rots, shifts, stages, cfg
+) -> SearchResult:
+    m, n = x.shape[0], x.shape[1]
+    n_eval = np.zeros(m, dtype=np.int64)
+    gamma = cfg["gamma"]
     for t, stage in enumerate(stages[:-1]):
         sc = _score_grid(ops, a_cons, o_cons, rots, shifts, stage.radius_px, cfg)
         n_eval += sc.n_valid + 1  # + the upper-bound pose

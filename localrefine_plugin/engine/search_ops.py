@@ -21,6 +21,10 @@ search puts inf on the padding there, so padded poses drop out):
 ``grid.values(add_r, add_s) -> (m, J, S)``
     All of them (the top-K poses of the last stage).
 
+An ops object may have ``close()``: the search calls it when the batch is done,
+after the batch's grids are freed (the GPU's releases its device memory and
+its thread's CUDA context there).
+
 :class:`HostBatchOps` implements this with the engine's NumPy functions; a
 ``score_fn`` with a ``bind_batch(projector, images_f, ctf, inv_sigma2,
 r_max_px=)`` method (the GPU's, ``kernels/cuda_search_ops.py``) returns its own

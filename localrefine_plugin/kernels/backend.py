@@ -16,6 +16,7 @@ top-level import would make Scipion drop every protocol of the plugin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ __all__ = [
     "select_device",
     "cuda_available",
     "ensure_context",
+    "thread_context",
     "load_kernels",
     "batch_size_for",
     "device_name",
@@ -47,7 +49,6 @@ KERNEL_DIR = Path(__file__).resolve().parent
 
 _lock = threading.Lock()
 _state: dict = {"context": None, "gpu": None, "modules": {}}
-_thread = threading.local()  # .current: the context pushed in this thread
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -131,13 +132,12 @@ def select_device(name: str) -> str:
 
 
 def ensure_context(gpu: int | None = None):
-    """Make the primary context of ``gpu`` current in this thread.
+    """Make the primary context of ``gpu`` current (once per process).
 
     Returns the PyCUDA context. The GPU is ``gpu``, else the one chosen by
     :func:`select_device`, else ``$LOCALREFINE_GPU``, else 0. The context is
-    made once per process and pushed once in every thread that calls this
-    (a CUDA context is current per thread: the searches of ``--threads`` run
-    in worker threads).
+    pushed in the thread that first calls this; other threads use
+    :func:`thread_context`.
     """
     import pycuda.driver as cuda
 
@@ -150,7 +150,6 @@ def ensure_context(gpu: int | None = None):
                 gpu = int(os.environ.get("LOCALREFINE_GPU", "0"))
             ctx = cuda.Device(gpu).retain_primary_context()
             ctx.push()
-            _thread.current = ctx
             _state["context"], _state["gpu"] = ctx, gpu
 
             import atexit
@@ -163,11 +162,30 @@ def ensure_context(gpu: int | None = None):
 
             atexit.register(_pop)
             log.debug("CUDA context on GPU %d (%s)", gpu, cuda.Device(gpu).name())
-        ctx = _state["context"]
-    if getattr(_thread, "current", None) is not ctx:  # a new thread (or state reset)
+        return _state["context"]
+
+
+@contextlib.contextmanager
+def thread_context():
+    """The process's CUDA context, current in this thread for the ``with`` block.
+
+    A CUDA context is current per thread: a worker thread (the search's
+    ``--threads``) has none. It is pushed here where none is current and popped
+    at the end of the block, which must come after the block's device arrays are
+    freed (PyCUDA frees memory only where its context is current, and aborts if
+    a thread ends with a context still pushed).
+    """
+    import pycuda.driver as cuda
+
+    ctx = ensure_context()
+    pushed = cuda.Context.get_current() is None
+    if pushed:
         ctx.push()
-        _thread.current = ctx
-    return ctx
+    try:
+        yield ctx
+    finally:
+        if pushed:
+            cuda.Context.pop()
 
 
 def load_kernels(filename: str):
