@@ -259,11 +259,6 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     configs = {
         "bound": dict(score_fn=score_fn, power_fn=power_fn, batch_size=m_s_gpu),
         "bound_batch128": dict(score_fn=score_fn, power_fn=power_fn, batch_size=128),
-        # 4 batches searched at once in worker threads (--threads 4): host work
-        # of one batch overlaps another's (NumPy and the CUDA calls release the GIL)
-        "bound_threads4": dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=m_s_gpu // 4, threads=4
-        ),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -322,9 +317,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"({m_s_gpu} particles in one batch), CPU {cpu_rate:.3g} particles/s "
         f"({m_s_cpu}), ratio {res['gpu_particles_per_s'] / cpu_rate:.0f}x; "
         f"batches of 128: {res['gpu_particles_per_s_bound_batch128']:.4g} "
-        f"({res['gpu_particles_per_s_bound_batch128'] / cpu_rate:.0f}x); 4 threads x "
-        f"{m_s_gpu // 4}: {res['gpu_particles_per_s_bound_threads4']:.4g} "
-        f"({res['gpu_particles_per_s_bound_threads4'] / cpu_rate:.0f}x); per-call "
+        f"({res['gpu_particles_per_s_bound_batch128'] / cpu_rate:.0f}x); per-call "
         f"scoring (no bound batch): {res['gpu_particles_per_s_per_call']:.4g} "
         f"({res['gpu_particles_per_s_per_call'] / cpu_rate:.0f}x); "
         f"{res['poses_per_particle']:.0f} poses/particle (GPU "
@@ -415,9 +408,7 @@ def main() -> int:
             f"{r['gpu_particles_search']} {r['gpu_particles_per_s']:.4g} "
             f"({r['gpu_particles_per_s'] / cpu:.0f}x), batches of 128 "
             f"{r['gpu_particles_per_s_bound_batch128']:.4g} "
-            f"({r['gpu_particles_per_s_bound_batch128'] / cpu:.0f}x), 4 threads "
-            f"{r['gpu_particles_per_s_bound_threads4']:.4g} "
-            f"({r['gpu_particles_per_s_bound_threads4'] / cpu:.0f}x), per-call "
+            f"({r['gpu_particles_per_s_bound_batch128'] / cpu:.0f}x), per-call "
             f"{r['gpu_particles_per_s_per_call']:.4g} "
             f"({r['gpu_particles_per_s_per_call'] / cpu:.0f}x), CPU {cpu:.3g}; same "
             f"pose as the CPU for {r['same_pose_as_cpu']}"

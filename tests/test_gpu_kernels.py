@@ -118,13 +118,10 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
     np.testing.assert_array_equal(best_gpu, best_cpu)
 
 
-@pytest.mark.parametrize(
-    "setting", ["score_fn", "score_and_power_priors_top3", "three_threads"]
-)
+@pytest.mark.parametrize("setting", ["score_fn", "score_and_power_priors_top3"])
 def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng, setting):
     """The GPU score_fn (bound batches: grids scored and reduced on the device)
-    alone; with the GPU bound power, priors, a fulcrum and the top 3 poses; and
-    with batches of 8 searched in 3 worker threads (each pushes the context)."""
+    alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses."""
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
 
     n, m = 64, 24
@@ -147,8 +144,6 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng, settin
         )  # fmt: skip
         gpu_fns["power_fn"] = get_power_fn()
     cpu = local_search(proj, x, ctf, inv_s2, **kw)
-    if setting == "three_threads":
-        kw.update(batch_size=8, threads=3)
     got = local_search(proj, x, ctf, inv_s2, **gpu_fns, **kw)
     same = (geodesic_angle_deg(cpu.rotations, got.rotations) < 1e-3) & (
         np.abs(cpu.origins_px - got.origins_px).max(-1) < 1e-3

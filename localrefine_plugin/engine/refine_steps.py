@@ -32,6 +32,7 @@ from .fourier import image_to_fourier
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
+from .search_ops import search_threads
 
 __all__ = [
     "AlignmentResult",
@@ -209,10 +210,9 @@ def align_particles(
             return idx, result
 
         batches = shares[half]
-        with ThreadPoolExecutor(max_workers=options.threads) as pool:
-            results = (
-                pool.map(run, batches) if options.threads > 1 else map(run, batches)
-            )
+        threads = search_threads(score_fn, options.threads)  # 1 on the GPU
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = pool.map(run, batches) if threads > 1 else map(run, batches)
             for idx, res in results:  # in batch order, whatever the threads
                 out.rotations[idx] = res.rotations
                 out.origins_px[idx] = res.origins_px

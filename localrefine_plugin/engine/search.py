@@ -115,7 +115,7 @@ from .local_grid import (
     vector_norm,
 )
 from .scoring import half_plane_pixels, score_poses, weighted_projection_power
-from .search_ops import batch_ops
+from .search_ops import batch_ops, search_threads
 
 __all__ = [
     "SearchResult",
@@ -467,6 +467,7 @@ def local_search(
         )
     if int(threads) < 1:
         raise ValueError(f"threads must be >= 1; got {threads}")
+    threads = search_threads(score_fn, threads)
 
     def run(start: int) -> SearchResult:
         sl = slice(start, min(start + batch_size, m))

@@ -22,8 +22,13 @@ search puts inf on the padding there, so padded poses drop out):
     All of them (the top-K poses of the last stage).
 
 An ops object may have ``close()``: the search calls it when the batch is done,
-after the batch's grids are freed (the GPU's releases its device memory and
-its thread's CUDA context there).
+after the batch's grids are freed (the GPU's releases its device memory there).
+
+Batches of a ``score_fn`` with ``bind_batch`` are searched one at a time in the
+calling thread (:func:`search_threads`): PyCUDA's context is current in one
+thread, and a GPU search with batches in three worker threads, each pushing
+and popping the context, hung on an H100 (2026-11-28) although the same scheme
+ran in the benchmark.
 
 :class:`HostBatchOps` implements this with the engine's NumPy functions; a
 ``score_fn`` with a ``bind_batch(projector, images_f, ctf, inv_sigma2,
@@ -34,11 +39,15 @@ grids there, so only the small reductions come back to the host.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .scoring import score_poses
 
-__all__ = ["HostGrid", "HostBatchOps", "batch_ops"]
+log = logging.getLogger(__name__)
+
+__all__ = ["HostGrid", "HostBatchOps", "batch_ops", "search_threads"]
 
 #: padded / real poses of a batch above which the CPU scores particles one by one
 MAX_PADDING = 1.25
@@ -133,3 +142,20 @@ def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max
     if power_fn != getattr(score_fn, "power", None):
         ops.power = host.power
     return ops
+
+
+def search_threads(score_fn, threads: int) -> int:
+    """Threads to search batches with: ``threads``, or 1 for a device ``score_fn``.
+
+    A ``score_fn`` with ``bind_batch`` (the GPU's) runs its batches in the
+    calling thread (module docstring); asking for more threads logs why not.
+    """
+    threads = int(threads)
+    if threads > 1 and hasattr(score_fn, "bind_batch"):
+        log.info(
+            "GPU search: batches searched one at a time in one thread "
+            "(--threads %d applies to the CPU path)",
+            threads,
+        )
+        return 1
+    return threads

@@ -16,7 +16,6 @@ top-level import would make Scipion drop every protocol of the plugin.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -31,7 +30,6 @@ __all__ = [
     "select_device",
     "cuda_available",
     "ensure_context",
-    "thread_context",
     "load_kernels",
     "batch_size_for",
     "device_name",
@@ -136,8 +134,8 @@ def ensure_context(gpu: int | None = None):
 
     Returns the PyCUDA context. The GPU is ``gpu``, else the one chosen by
     :func:`select_device`, else ``$LOCALREFINE_GPU``, else 0. The context is
-    pushed in the thread that first calls this; other threads use
-    :func:`thread_context`.
+    pushed in the thread that first calls this: the GPU path runs in that
+    thread (:func:`.engine.search_ops.search_threads`).
     """
     import pycuda.driver as cuda
 
@@ -163,29 +161,6 @@ def ensure_context(gpu: int | None = None):
             atexit.register(_pop)
             log.debug("CUDA context on GPU %d (%s)", gpu, cuda.Device(gpu).name())
         return _state["context"]
-
-
-@contextlib.contextmanager
-def thread_context():
-    """The process's CUDA context, current in this thread for the ``with`` block.
-
-    A CUDA context is current per thread: a worker thread (the search's
-    ``--threads``) has none. It is pushed here where none is current and popped
-    at the end of the block, which must come after the block's device arrays are
-    freed (PyCUDA frees memory only where its context is current, and aborts if
-    a thread ends with a context still pushed).
-    """
-    import pycuda.driver as cuda
-
-    ctx = ensure_context()
-    pushed = cuda.Context.get_current() is None
-    if pushed:
-        ctx.push()
-    try:
-        yield ctx
-    finally:
-        if pushed:
-            cuda.Context.pop()
 
 
 def load_kernels(filename: str):

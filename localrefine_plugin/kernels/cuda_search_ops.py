@@ -21,13 +21,11 @@ priors in double, in the host's order.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from ..engine.scoring import half_plane_pixels
 from ..engine.search_ops import HostGrid
-from .backend import batch_size_for, load_kernels, thread_context, to_device
+from .backend import batch_size_for, load_kernels, to_device
 from .cuda_projector import device_volume
 from .cuda_scoring import (
     ORIGIN_PHASE_SIGN,
@@ -136,9 +134,6 @@ class CudaBatchOps:
             images_f, ctf, inv_sigma2, np.zeros((len(images_f), 1, 3, 3)),
             np.zeros((len(images_f), 1, 2)), r_max_px, None,
         )  # fmt: skip
-        # current in this thread until close() (the search's worker threads)
-        self._context = contextlib.ExitStack()
-        self._context.enter_context(thread_context())
         self.m, self.n = images_f.shape[:2]
         self.projector = projector
         self.r_max = float(r_max_px)
@@ -173,15 +168,11 @@ class CudaBatchOps:
         self._power = prep.get_function("projection_power")
 
     def close(self) -> None:
-        """Free the batch's device arrays, then release this thread's context.
-
-        Called by the search when the batch is done and its grids are freed.
-        """
+        """Free the batch's device arrays (the search calls it when the batch is done)."""
         self._cache.clear()
         for name in ("images_g", "ctf_g", "sigma_g", "kx_g", "ky_g", "flat_g",
                      "mult_g", "shell_g"):  # fmt: skip
             setattr(self, name, None)
-        self._context.close()
 
     def _npix(self, r_max_px: float) -> int:
         """Pixels within ``r_max_px`` (the same set as ``half_plane_pixels``)."""
