@@ -211,7 +211,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULTS.threads,
         metavar="N",
-        help="batches searched in parallel (default: %(default)s)",
+        help="batches searched in parallel on the CPU path; the GPU path searches "
+        "one batch at a time (default: %(default)s)",
     )
     run.add_argument(
         "--batch-size",

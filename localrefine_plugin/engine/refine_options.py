@@ -56,7 +56,8 @@ class RefineOptions:
     batch_size : int
         Particles searched at once (memory versus speed).
     threads : int
-        Batches searched in parallel (Python threads; NumPy releases the GIL).
+        Batches searched in parallel (Python threads; NumPy releases the GIL);
+        CPU path only: the GPU path searches one batch at a time.
     fsc_threshold : float
         FSC value defining the resolution (gold standard: 0.143).
     seed : int

@@ -373,7 +373,9 @@ def local_search(
         Number of best poses (with weights) returned.
     score_fn : callable
         :func:`.scoring.score_poses` or a drop-in (GPU) replacement; called
-        with ``rotation_shifts_px=`` (the fulcrum term).
+        with ``rotation_shifts_px=`` (the fulcrum term). One with a
+        ``bind_batch`` method (the GPU's) is bound to each batch instead and
+        keeps it on the device (:mod:`.search_ops`).
     power_fn : callable
         :func:`.scoring.weighted_projection_power` (the high-band bound's
         projection power) or a drop-in (GPU) replacement.
@@ -395,6 +397,7 @@ def local_search(
     threads : int
         Batches searched in parallel (Python threads; NumPy releases the GIL
         in the projections and products). The result does not depend on it.
+        1 with a ``bind_batch`` ``score_fn`` (:func:`.search_ops.search_threads`).
 
     Returns
     -------
