@@ -603,3 +603,22 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
     order = np.argsort(k_want, kind="stable")  # the bound batch's radius order
     np.testing.assert_allclose(k_got, k_want[order])
     assert np.abs(got - want[:, order]).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(
+    fake_pycuda, rng, monkeypatch
+):
+    """A batch whose images cannot fit in half the free device memory fails
+    before it is uploaded, naming the batch size that fits."""
+    import pycuda.driver as drv
+
+    from localrefine_plugin.kernels.cuda_scoring import get_score_fn
+
+    n, m = 20, 6
+    proj = FourierProjector(blob_map(n, seed=8))
+    x = np.zeros((m, n, n // 2 + 1), np.complex64)
+    ctf = np.ones((m, n, n // 2 + 1))
+    per_particle = n * (n // 2 + 1) * 12  # complex64 image + float32 CTF
+    monkeypatch.setattr(drv, "mem_get_info", lambda: (4 * per_particle, 2**30))
+    with pytest.raises(RuntimeError, match="give --batch-size 2 or less"):
+        get_score_fn().bind_batch(proj, x, ctf, np.ones(n // 2 + 1), r_max_px=8.0)

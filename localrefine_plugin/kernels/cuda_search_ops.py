@@ -120,6 +120,25 @@ class CudaGrid:
         return HostGrid(e).values(np.asarray(add_r), np.asarray(add_s))
 
 
+def _check_room(m: int, n: int, nbytes_per_particle: int) -> None:
+    """Fail clearly, before the batch is uploaded, when it cannot fit on the card.
+
+    The batch's images and CTFs must fit in half the free device memory (the
+    rest holds the volume, the weights and each stage's phase tables).
+    """
+    import pycuda.driver as cuda
+
+    free, _total = cuda.mem_get_info()
+    need = m * nbytes_per_particle
+    if need > free // 2:
+        fit = max(1, (free // 2) // max(1, nbytes_per_particle))
+        raise RuntimeError(
+            f"a batch of {m} particles at box {n} needs {need / 2**30:.2f} GiB on "
+            f"the GPU for its images and CTFs; {free / 2**30:.2f} GiB are free: "
+            f"give --batch-size {fit} or less"
+        )
+
+
 class CudaBatchOps:
     """One batch of particles on the device (``engine/search_ops.py`` batch ops).
 
@@ -149,9 +168,10 @@ class CudaBatchOps:
         self.mult_g = to_device(mult[order], np.float32)
         self.shell_g = to_device(shell[order], np.int32)
         self.image_size = self.n * (self.n // 2 + 1)
-        self.images_g = to_device(images_f.reshape(self.m, -1), np.complex64)
         # a CTF / noise model shared by every particle is uploaded once (stride 0)
         shared_ctf = ctf.strides[0] == 0
+        _check_room(self.m, self.n, self.image_size * (8 + (0 if shared_ctf else 4)))
+        self.images_g = to_device(images_f.reshape(self.m, -1), np.complex64)
         self.ctf_stride = 0 if shared_ctf else self.image_size
         self.ctf_g = to_device(ctf[:1] if shared_ctf else ctf, np.float32)
         shared_sigma = inv_sigma2.strides[0] == 0
