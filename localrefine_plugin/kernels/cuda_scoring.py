@@ -25,7 +25,7 @@ import logging
 
 import numpy as np
 
-from ..engine.scoring import half_plane_pixels
+from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.scoring import score_poses as _engine_score_poses
 from ..engine.scoring import weighted_projection_power as _engine_power
 from .backend import batch_size_for, load_kernels, select_device, to_device
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _TILE = 32  # rotations and pixels per tile of the default kernels (LR_TJ, LR_TP)
 #: scoring kernel variants: name -> (kernel, rotations per tile, shifts per tile);
-#: the host uses "s32" for S <= 32, else "s64" (see _ScoreLaunch)
+#: the host uses "s32" for S <= 32, else "s64" (variant_for)
 VARIANTS = {
     "s32": ("score_tiles", 32, 32),
     "s64": ("score_tiles_s64", 32, 64),
@@ -159,21 +159,7 @@ def _score_host(
 def _check(
     images_f, ctf, inv_sigma2, rotations, shifts_px, r_max_px, rotation_shifts_px
 ):
-    images_f = np.asarray(images_f)
-    if images_f.ndim != 3 or images_f.shape[2] != images_f.shape[1] // 2 + 1:
-        raise ValueError(
-            f"images_f must have shape (m, N, N//2+1); got {images_f.shape}"
-        )
-    m, n = images_f.shape[:2]
-    ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
-    inv_sigma2 = np.asarray(inv_sigma2, dtype=np.float64)
-    inv_sigma2 = np.broadcast_to(inv_sigma2, (m, inv_sigma2.shape[-1]))
-    if inv_sigma2.shape[-1] != n // 2 + 1:
-        raise ValueError(
-            f"inv_sigma2 must have N//2+1 = {n // 2 + 1} shells; got {inv_sigma2.shape}"
-        )
-    if not 0 < r_max_px <= n // 2:
-        raise ValueError(f"r_max_px must be in (0, N//2 = {n // 2}]; got {r_max_px}")
+    images_f, ctf, inv_sigma2, m, _ = _check_common(images_f, ctf, inv_sigma2, r_max_px)
     rotations = np.asarray(rotations, dtype=np.float64)
     shifts_px = np.asarray(shifts_px, dtype=np.float64)
     if rotations.ndim != 4 or rotations.shape[0] != m or rotations.shape[2:] != (3, 3):
@@ -236,8 +222,9 @@ def _score_cuda(
     vol = device_volume(projector)
     npix = half_plane_pixels(n, float(r_max_px))[0].size
     out = np.empty((m, n_rot, n_shift), dtype=np.float64)
-    per_particle = 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (9 + 2 + n_shift)
-    batch = batch_size_for(per_particle, fixed_bytes=vol.nbytes, cap=65535)
+    batch = batch_size_for(
+        bytes_per_particle(npix, n_rot, n_shift), fixed_bytes=vol.nbytes, cap=65535
+    )
     for start in range(0, m, batch):
         sl = slice(start, min(start + batch, m))
         launch = _ScoreLaunch(
@@ -247,6 +234,45 @@ def _score_cuda(
         launch.phase_table()
         out[sl] = launch.scores().get()
     return out
+
+
+def variant_for(n_shift: int) -> str:
+    """The scoring kernel variant of ``VARIANTS`` the host uses for S shifts."""
+    return "s64" if n_shift > 32 else "s32"
+
+
+def bytes_per_particle(npix: int, n_rot: int, n_shift: int) -> int:
+    """Device bytes of one particle in a scoring launch (phase tables, weights,
+    rotations with their origins, scores), for sizing batches."""
+    return 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (11 + n_shift)
+
+
+def launch_phase_table(y_g, sh_g, kx_g, ky_g, *, b, n_shift, npix, n, z_g) -> None:
+    """Kernel ``phase_table``: the Z tables (b, S, P) of ``b`` particles' shifts."""
+    load_kernels("scoring.cu").get_function("phase_table")(
+        y_g, sh_g, np.int32(b), np.int32(n_shift), kx_g, ky_g, np.int32(npix),
+        np.int32(n), np.float32(ORIGIN_PHASE_SIGN), z_g,
+        block=(128, 1, 1), grid=((npix + 127) // 128, n_shift, b),
+    )  # fmt: skip
+
+
+def launch_score_tiles(
+    variant, projector, vol, rot_g, rs_g, kx_g, ky_g, w1_g, z_g, out_g,
+    *, b, n_rot, n_shift, npix, n,
+) -> None:  # fmt: skip
+    """Kernel ``VARIANTS[variant]``: the scores (b, J, S) into ``out_g``.
+
+    ``rs_g``: the per-rotation origins (b, J, 2), or None.
+    """
+    kernel, rot_tile, shift_tile = VARIANTS[variant]
+    load_kernels("scoring.cu").get_function(kernel)(
+        vol, np.int32(projector.c), np.float32(projector.padding),
+        rot_g, np.intp(0) if rs_g is None else rs_g, np.int32(n),
+        np.float32(ORIGIN_PHASE_SIGN), np.int32(b), np.int32(n_rot),
+        kx_g, ky_g, w1_g, z_g, np.int32(n_shift), np.int32(npix), out_g,
+        block=(16, 16, 1),
+        grid=(-(-n_rot // rot_tile), -(-n_shift // shift_tile), b),
+    )  # fmt: skip
 
 
 class _ScoreLaunch:
@@ -272,13 +298,8 @@ class _ScoreLaunch:
         b, n = images_f.shape[:2]
         self.b, self.n = b, n
         self.n_rot, self.n_shift = rotations.shape[1], shifts_px.shape[1]
-        if variant is None:
-            variant = "s64" if self.n_shift > 32 else "s32"
-        kernel, self.rot_tile, self.shift_tile = VARIANTS[variant]
-        module = load_kernels("scoring.cu")
-        self._phase_table = module.get_function("phase_table")
-        self._score_tiles = module.get_function(kernel)
-        self.c, self.padding = projector.c, projector.padding
+        self.variant = variant_for(self.n_shift) if variant is None else variant
+        self.projector = projector
         self.vol = device_volume(projector)
         flat, mult, shell, self.kx_g, self.ky_g, _ = _pixels(n, r_max_px)
         self.npix = flat.size
@@ -293,24 +314,17 @@ class _ScoreLaunch:
 
     def phase_table(self) -> None:
         """Kernel ``phase_table``: the Z tables of all shifts (b, S, P)."""
-        npix = self.npix
-        self._phase_table(
-            self.y_g, self.sh_g, np.int32(self.b), np.int32(self.n_shift),
-            self.kx_g, self.ky_g, np.int32(npix), np.int32(self.n),
-            np.float32(ORIGIN_PHASE_SIGN), self.z_g,
-            block=(128, 1, 1), grid=((npix + 127) // 128, self.n_shift, self.b),
+        launch_phase_table(
+            self.y_g, self.sh_g, self.kx_g, self.ky_g, b=self.b, n_shift=self.n_shift,
+            npix=self.npix, n=self.n, z_g=self.z_g,
         )  # fmt: skip
 
     def scores(self):
-        """Kernel ``score_tiles`` (or ``_s64``); returns the (b, J, S) float32 GPUArray."""
-        self._score_tiles(
-            self.vol, np.int32(self.c), np.float32(self.padding),
-            self.rot_g, np.intp(0) if self.rs_g is None else self.rs_g, np.int32(self.n),
-            np.float32(ORIGIN_PHASE_SIGN), np.int32(self.b), np.int32(self.n_rot),
-            self.kx_g, self.ky_g, self.w1_g, self.z_g,
-            np.int32(self.n_shift), np.int32(self.npix), self.out_g,
-            block=(16, 16, 1),
-            grid=(-(-self.n_rot // self.rot_tile), -(-self.n_shift // self.shift_tile), self.b),
+        """Kernel ``score_tiles`` (or a variant); returns the (b, J, S) float32 GPUArray."""
+        launch_score_tiles(
+            self.variant, self.projector, self.vol, self.rot_g, self.rs_g, self.kx_g,
+            self.ky_g, self.w1_g, self.z_g, self.out_g, b=self.b, n_rot=self.n_rot,
+            n_shift=self.n_shift, npix=self.npix, n=self.n,
         )  # fmt: skip
         return self.out_g
 

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.scoring import half_plane_pixels
+from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.search_ops import HostGrid
 from .backend import batch_size_for, load_kernels, to_device
 from .cuda_projector import device_volume
 from .cuda_scoring import (
-    ORIGIN_PHASE_SIGN,
-    VARIANTS,
-    _check,
     _power_cuda,
     _score_cuda,
+    bytes_per_particle,
+    launch_phase_table,
+    launch_score_tiles,
+    variant_for,
 )
 
 __all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
@@ -46,8 +47,6 @@ class CudaScoreFn:
     ``power`` is the GPU ``power_fn`` (:func:`.cuda_scoring._power_cuda`); pass
     it as ``power_fn`` so that bound batches compute it from their own weights.
     """
-
-    __name__ = "CudaScoreFn"
 
     def __call__(self, *args, **kwargs):
         return _score_cuda(*args, **kwargs)
@@ -149,11 +148,9 @@ class CudaBatchOps:
     """
 
     def __init__(self, projector, images_f, ctf, inv_sigma2, *, r_max_px: float):
-        images_f, ctf, inv_sigma2, *_ = _check(
-            images_f, ctf, inv_sigma2, np.zeros((len(images_f), 1, 3, 3)),
-            np.zeros((len(images_f), 1, 2)), r_max_px, None,
-        )  # fmt: skip
-        self.m, self.n = images_f.shape[:2]
+        images_f, ctf, inv_sigma2, self.m, self.n = _check_common(
+            images_f, ctf, inv_sigma2, r_max_px
+        )
         self.projector = projector
         self.r_max = float(r_max_px)
         self.vol = device_volume(projector)
@@ -180,9 +177,6 @@ class CudaBatchOps:
             inv_sigma2[:1] if shared_sigma else inv_sigma2, np.float32
         )
         self._cache: dict = {}
-        module = load_kernels("scoring.cu")
-        self._phase_table = module.get_function("phase_table")
-        self._kernels = {v: module.get_function(k) for v, (k, _, _) in VARIANTS.items()}
         prep = load_kernels("search_prep.cu")
         self._fold = prep.get_function("fold_weights")
         self._power = prep.get_function("projection_power")
@@ -228,37 +222,30 @@ class CudaBatchOps:
         m = self.m
         n_rot, n_shift = rotations.shape[1], shifts_px.shape[1]
         npix = self._npix(r_max_px)
-        variant = "s64" if n_shift > 32 else "s32"
-        _, rot_tile, shift_tile = VARIANTS[variant]
-        per_particle = 8 * npix * (1 + n_shift) + 4 * npix + 4 * n_rot * (11 + n_shift)
-        batch = batch_size_for(per_particle, fixed_bytes=self.vol.nbytes, cap=65535)
-        rs = (
-            np.zeros(rotations.shape[:2] + (2,))
-            if rotation_shifts_px is None
-            else (rotation_shifts_px)
+        batch = batch_size_for(
+            bytes_per_particle(npix, n_rot, n_shift),
+            fixed_bytes=self.vol.nbytes,
+            cap=65535,
         )
         chunks = []
         for start in range(0, m, batch):
             stop = min(start + batch, m)
             b = stop - start
             y_g, w1_g = self._weights(npix, start, stop)
-            sh_g = to_device(shifts_px[start:stop], np.float32)
             z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
-            self._phase_table(
-                y_g, sh_g, np.int32(b), np.int32(n_shift), self.kx_g, self.ky_g,
-                np.int32(npix), np.int32(self.n), np.float32(ORIGIN_PHASE_SIGN), z_g,
-                block=(128, 1, 1), grid=((npix + 127) // 128, n_shift, b),
+            launch_phase_table(
+                y_g, to_device(shifts_px[start:stop], np.float32), self.kx_g, self.ky_g,
+                b=b, n_shift=n_shift, npix=npix, n=self.n, z_g=z_g,
             )  # fmt: skip
             rot_g = to_device(rotations[start:stop].reshape(b, n_rot, 9), np.float32)
-            rs_g = to_device(rs[start:stop], np.float32)
+            rs_g = None
+            if rotation_shifts_px is not None:
+                rs_g = to_device(rotation_shifts_px[start:stop], np.float32)
             e_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
-            self._kernels[variant](
-                self.vol, np.int32(self.projector.c), np.float32(self.projector.padding),
-                rot_g, rs_g, np.int32(self.n), np.float32(ORIGIN_PHASE_SIGN),
-                np.int32(b), np.int32(n_rot), self.kx_g, self.ky_g, w1_g, z_g,
-                np.int32(n_shift), np.int32(npix), e_g,
-                block=(16, 16, 1),
-                grid=(-(-n_rot // rot_tile), -(-n_shift // shift_tile), b),
+            launch_score_tiles(
+                variant_for(n_shift), self.projector, self.vol, rot_g, rs_g,
+                self.kx_g, self.ky_g, w1_g, z_g, e_g,
+                b=b, n_rot=n_rot, n_shift=n_shift, npix=npix, n=self.n,
             )  # fmt: skip
             chunks.append((start, stop, e_g))
         return CudaGrid(chunks, m, n_rot, n_shift)
