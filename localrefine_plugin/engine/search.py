@@ -241,15 +241,22 @@ def candidate_poses(
     origins : ndarray, shape (m, J, S, 2)
         ``o_cons + t + ((A - A_cons) f)_xy`` (module docstring).
     """
-    a_cons = np.asarray(consensus_rotations, dtype=np.float64)
-    rot = a_cons[:, None] @ rotvec_to_matrix(rotvecs_deg)  # (m, J, 3, 3)
-    fs = fulcrum_shift(rot, a_cons[:, None], fulcrum_px)  # (m, J, 2)
+    rot, fs = _rotations_about_fulcrum(
+        np.asarray(consensus_rotations, dtype=np.float64), rotvecs_deg, fulcrum_px
+    )
     origins = (
         np.asarray(consensus_origins_px, dtype=np.float64)[:, None, None, :]
         + np.asarray(shifts_px, dtype=np.float64)[:, None, :, :]
         + fs[:, :, None, :]
     )  # (m, J, S, 2)
     return rot, origins
+
+
+def _rotations_about_fulcrum(a_cons, rotvecs_deg, fulcrum_px):
+    """``A = A_cons R(v)`` (m, J, 3, 3) and the fulcrum term ``((A - A_cons) f)_xy``
+    (m, J, 2) of :func:`candidate_poses`."""
+    rot = a_cons[:, None] @ rotvec_to_matrix(rotvecs_deg)
+    return rot, fulcrum_shift(rot, a_cons[:, None], fulcrum_px)
 
 
 def _prior(
@@ -543,20 +550,20 @@ def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
     rv, tv = rots.centres, shifts.centres
     rv_eval = clip_to_extent(rv, cfg["rot_ext"])
     tv_eval = clip_to_extent(tv, cfg["shift_ext"])
-    rot = a_cons[:, None] @ rotvec_to_matrix(rv_eval)  # (m, J, 3, 3): A_cons R(v)
-    rot_shift = fulcrum_shift(rot, a_cons[:, None], cfg["fulcrum"])  # (m, J, 2)
+    rot, rot_shift = _rotations_about_fulcrum(a_cons, rv_eval, cfg["fulcrum"])
+    counts = (rots.count(), shifts.count())
     grid = ops.score(
         rot,
         o_cons[:, None, :] + tv_eval,
         r_max_px=radius,
         rotation_shifts_px=rot_shift,
-        counts=(rots.count(), shifts.count()),
+        counts=counts,
     )  # (m, J, S)
     # priors, inf on the padding (so the padded poses drop out of every minimum)
     prior_r = _prior(vector_norm(rv_eval), cfg["prior_rot"], rots.valid)  # (m, J)
     prior_s = _prior(vector_norm(tv_eval), cfg["prior_shift"], shifts.valid)  # (m, S)
     jb, sb, best = grid.best(prior_r, prior_s)
-    n_valid = rots.count() * shifts.count()
+    n_valid = counts[0] * counts[1]
     return _Scored(
         rv, tv, tv_eval, rot, rot_shift, grid, prior_r, prior_s, n_valid, jb, sb, best
     )
@@ -632,7 +639,20 @@ def _stage_caps(caps, r_max: float, next_radius: float):
 def _search_batch(
     projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
 ) -> SearchResult:
-    m = x.shape[0]
+    ops = batch_ops(
+        cfg["score_fn"], cfg["power_fn"], projector, x, ctf, inv_sigma2,
+        r_max_px=cfg["r_max"],
+    )  # fmt: skip
+    try:
+        return _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg)
+    finally:
+        close = getattr(ops, "close", None)  # e.g. frees the batch's device arrays
+        if close is not None:
+            close()
+
+
+def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchResult:
+    m, n = x.shape[0], x.shape[1]
     # lattices offset so that the leaves hold the consensus pose itself (zero)
     rots = _Cells.same_for_all(
         rotation_grid(
@@ -650,25 +670,6 @@ def _search_batch(
         ),
         m,
     )
-    ops = batch_ops(
-        cfg["score_fn"], cfg["power_fn"], projector, x, ctf, inv_sigma2,
-        r_max_px=cfg["r_max"],
-    )  # fmt: skip
-    try:
-        # the stages' grids are freed when this call returns, before close()
-        return _search_stages(
-            ops, x, inv_sigma2, a_cons, o_cons, rots, shifts, stages, cfg
-        )
-    finally:
-        close = getattr(ops, "close", None)
-        if close is not None:
-            close()
-
-
-def _search_stages(
-    ops, x, inv_sigma2, a_cons, o_cons, rots, shifts, stages, cfg
-) -> SearchResult:
-    m, n = x.shape[0], x.shape[1]
     n_eval = np.zeros(m, dtype=np.int64)
     gamma = cfg["gamma"]
     for t, stage in enumerate(stages[:-1]):
