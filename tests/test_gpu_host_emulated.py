@@ -158,8 +158,10 @@ def _emulator(source: str, kernels: dict) -> ctypes.CDLL:
 # -- emulated PyCUDA ---------------------------------------------------------------
 
 _MEMORY: dict[int, np.ndarray] = {}
-#: the emulator's block state is global, so launches from several host threads
-#: (the search's --threads) run one after another
+#: the emulator's block state is global: launches from several host threads would
+#: corrupt it (and hang), so they run one after another; the GPU search launches
+#: from one thread, and a regression to threaded launches then fails its test
+#: (test_cuda_backend_hands_both_gpu_functions_to_the_search) instead of hanging
 _LAUNCH_LOCK = threading.Lock()
 
 
@@ -269,32 +271,14 @@ def fake_pycuda(monkeypatch, emulator_dir):
     drv = types.ModuleType("pycuda.driver")
     dev = types.SimpleNamespace(name=lambda: "Emulated GPU")
     pushed_in: list[int] = []  # threads that made the context current
-    stacks = threading.local()  # CUDA's per-thread context stacks
-
-    depth: dict[int, int] = {}  # contexts pushed and not popped, per thread
-
-    def push():
-        me = threading.get_ident()
-        pushed_in.append(me)
-        depth[me] = depth.get(me, 0) + 1
-        stacks.__dict__.setdefault("s", []).append(ctx)
-
-    def pop():
-        assert stacks.__dict__.get("s"), "pop without a pushed context"
-        stacks.s.pop()
-        depth[threading.get_ident()] -= 1
-
-    def get_current():
-        return (stacks.__dict__.get("s") or [None])[-1]
-
-    ctx = types.SimpleNamespace(push=push, pushed_in=pushed_in, depth=depth)
+    ctx = types.SimpleNamespace(
+        push=lambda: pushed_in.append(threading.get_ident()), pushed_in=pushed_in
+    )
     dev.retain_primary_context = lambda: ctx
     drv.init = lambda: None
     drv.Device = lambda i=0: dev
     drv.Device.count = lambda: 1
-    drv.Context = types.SimpleNamespace(
-        pop=pop, get_device=lambda: dev, get_current=get_current
-    )
+    drv.Context = types.SimpleNamespace(pop=lambda: None, get_device=lambda: dev)
     drv.mem_get_info = lambda: (2**24, 2**25)  # 16 MiB free: forces several batches
     drv.memset_d8 = _memset_d8
     ga = types.ModuleType("pycuda.gpuarray")
