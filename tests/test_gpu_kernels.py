@@ -227,18 +227,27 @@ def test_projection_power_matches_the_cpu(gpu, rng):
     assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
 
 
-@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
-def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
-    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
-
-    m, n_rot, n_shift = 4, 130, 70  # crosses the 64-wide tiles in both directions
-    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
+def _stage_poses(rng, a_true, o_true, n_rot, n_shift):
+    """A stage's candidates around each particle's true pose: ``n_rot``
+    rotations within 6 deg, ``n_shift`` origins within 2 px, and a per-rotation
+    origin (fulcrum term) in [-1, 1] px."""
+    m = a_true.shape[0]
     delta = axis_angle_to_matrix(
         rng.normal(size=(m, n_rot, 3)), rng.uniform(0, 6, (m, n_rot))
     )
     rots = np.einsum("mij,mnjk->mnik", a_true, delta)
     shifts = o_true[:, None, :] + rng.uniform(-2, 2, (m, n_shift, 2))
     rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    return rots, shifts, rs
+
+
+@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
+def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
+    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
+
+    m, n_rot, n_shift = 4, 130, 70  # crosses the 64-wide tiles in both directions
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
+    rots, shifts, rs = _stage_poses(rng, a_true, o_true, n_rot, n_shift)
     cpu = score_poses(
         proj, x, ctf, inv_s2, rots, shifts, r_max_px=30, rotation_shifts_px=rs
     )
@@ -288,12 +297,7 @@ def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
 
     m, n_rot, n_shift = 6, 150, 40
     proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
-    delta = axis_angle_to_matrix(
-        rng.normal(size=(m, n_rot, 3)), rng.uniform(0, 6, (m, n_rot))
-    )
-    rots = np.einsum("mij,mnjk->mnik", a_true, delta)
-    shifts = o_true[:, None, :] + rng.uniform(-2, 2, (m, n_shift, 2))
-    rs = rng.uniform(-1, 1, (m, n_rot, 2))
+    rots, shifts, rs = _stage_poses(rng, a_true, o_true, n_rot, n_shift)
     ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=30.0)
     zr, zs = np.zeros((m, n_rot)), np.zeros((m, n_shift))
     for radius in (12.0, 30.0):
