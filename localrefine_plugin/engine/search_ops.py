@@ -134,13 +134,13 @@ def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max
     A bound object's ``power`` is used only when ``power_fn`` is
     ``score_fn.power``; another ``power_fn`` is kept as given.
     """
+    args = (score_fn, power_fn, projector, images_f, ctf, inv_sigma2)
     bind = getattr(score_fn, "bind_batch", None)
-    host = HostBatchOps(score_fn, power_fn, projector, images_f, ctf, inv_sigma2)
     if bind is None:
-        return host
+        return HostBatchOps(*args)
     ops = bind(projector, images_f, ctf, inv_sigma2, r_max_px=r_max_px)
     if power_fn != getattr(score_fn, "power", None):
-        ops.power = host.power
+        ops.power = HostBatchOps(*args).power
     return ops
 
 
