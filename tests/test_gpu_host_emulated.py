@@ -322,6 +322,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "grid_min_over_rotations",
         "fold_weights",
         "projection_power",
+        "power_weighted_sums",
     }
     assert names == expected
 
@@ -587,6 +588,17 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
     order = np.argsort(k_want, kind="stable")  # the bound batch's radius order
     np.testing.assert_allclose(k_got, k_want[order])
     assert np.abs(got - want[:, order]).max() <= 1e-5 * np.abs(want).max()
+
+    # the sums the search takes (power_sums): high band and a radius-weighted
+    # sum, added on the device in double
+    def weights(k):
+        return np.stack([k > 4.5, np.where(k > 4.5, 0.0, 0.3 * k * k)])
+
+    sums = ops.power_sums(a, weights, r_max_px=9.0)
+    assert sums.shape == (m, 2)
+    np.testing.assert_allclose(sums, want @ weights(k_want).T, rtol=1e-5)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        ops.power_sums(a, lambda k: np.ones((2, k.size + 1)), r_max_px=9.0)
 
 
 def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(

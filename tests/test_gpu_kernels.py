@@ -291,7 +291,8 @@ def test_grid_reductions_match_the_host(gpu, rng):
 
 def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
     """`CudaScoreFn.bind_batch`: a stage radius (prefix of the radius-sorted
-    pixels) and the full radius score as the engine; the bound's power too."""
+    pixels) and the full radius score as the engine; the bound's power and its
+    weighted sums too."""
     from localrefine_plugin.engine.scoring import weighted_projection_power
     from localrefine_plugin.kernels import get_score_fn
 
@@ -311,3 +312,10 @@ def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
     order = np.argsort(k_want, kind="stable")
     np.testing.assert_allclose(k_got, k_want[order])
     assert np.abs(got - want[:, order]).max() <= 1e-4 * np.abs(want).max()
+    # the sums the search takes (power_sums), added on the device in double
+
+    def weights(k):
+        return np.stack([k > 12.0, np.where(k > 12.0, 0.0, 0.3 * k * k)])
+
+    sums = ops.power_sums(a_true, weights, r_max_px=30.0)
+    np.testing.assert_allclose(sums, want @ weights(k_want).T, rtol=1e-4)

@@ -205,5 +205,6 @@ def fulcrum_shift(
         to ``a_new`` about ``f``" is the standard pose ``a_new`` with origin
         ``origin_old + fulcrum_shift(a_new, a_old, f)``.
     """
-    d = np.asarray(a_new) - np.asarray(a_old)
-    return (d @ np.asarray(fulcrum_px, dtype=np.float64))[..., :2]
+    f = np.asarray(fulcrum_px, dtype=np.float64)
+    d = np.asarray(a_new)[..., :2, :] - np.asarray(a_old)[..., :2, :]  # rows x, y
+    return (d[..., 0] * f[0] + d[..., 1] * f[1]) + d[..., 2] * f[2]

@@ -25,8 +25,6 @@ import itertools
 
 import numpy as np
 
-from .geometry import quaternion_to_matrix
-
 __all__ = [
     "rotation_grid",
     "subdivide_rotations",
@@ -37,6 +35,7 @@ __all__ = [
     "clip_to_extent",
     "vector_norm",
     "rotvec_to_matrix",
+    "rotvec_matrix_entries",
     "finest_grid",
 ]
 
@@ -283,17 +282,40 @@ def clip_to_extent(vectors: np.ndarray, extent: float) -> np.ndarray:
     return vectors * scale
 
 
+def rotvec_matrix_entries(rotvec_deg: np.ndarray) -> list[list[np.ndarray]]:
+    """Entries ``R[k][l]`` (each of shape ``...``) of :func:`rotvec_to_matrix`.
+
+    Rotation vectors (..., 3) (axis times angle, degrees). The entries come as
+    separate arrays so that a product with other matrices can be formed entry
+    by entry over large stacks (:func:`.search.candidate_poses`) without
+    the (..., 3, 3) layout.
+    """
+    v = np.deg2rad(np.asarray(rotvec_deg, dtype=np.float64))
+    vx, vy, vz = v[..., 0], v[..., 1], v[..., 2]
+    half = np.sqrt(vx * vx + vy * vy + vz * vz) / 2
+    # unit quaternion (w, x, y, z): sin(half) * v / |v| = v / 2 * sinc(half / pi),
+    # np.sinc(x) = sin(pi x) / (pi x); the zero vector gives exactly (1, 0, 0, 0)
+    w = np.cos(half)
+    scale = 0.5 * np.sinc(half / np.pi)
+    x, y, z = vx * scale, vy * scale, vz * scale
+    xx, yy, zz = x * x, y * y, z * z
+    xy, xz, yz = x * y, x * z, y * z
+    wx, wy, wz = w * x, w * y, w * z
+    return [
+        [1 - 2 * (yy + zz), 2 * (xy - wz), 2 * (xz + wy)],
+        [2 * (xy + wz), 1 - 2 * (xx + zz), 2 * (yz - wx)],
+        [2 * (xz - wy), 2 * (yz + wx), 1 - 2 * (xx + yy)],
+    ]
+
+
 def rotvec_to_matrix(rotvec_deg: np.ndarray) -> np.ndarray:
     """Rotation vectors (..., 3) (axis times angle, degrees) -> matrices (..., 3, 3).
 
     Active right-handed rotation (as :func:`.geometry.axis_angle_to_matrix`),
     exact identity for the zero vector.
     """
-    v = np.deg2rad(np.asarray(rotvec_deg, dtype=np.float64))
-    half = np.linalg.norm(v, axis=-1, keepdims=True) / 2
-    # sin(half) * v / |v| = v / 2 * sinc(half / pi); np.sinc(x) = sin(pi x) / (pi x)
-    q = np.concatenate([np.cos(half), v / 2 * np.sinc(half / np.pi)], axis=-1)
-    return quaternion_to_matrix(q)
+    r = rotvec_matrix_entries(rotvec_deg)
+    return np.stack([np.stack(row, axis=-1) for row in r], axis=-2)
 
 
 def finest_grid(

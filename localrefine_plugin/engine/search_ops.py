@@ -8,8 +8,15 @@ ops* object, made once per batch of particles:
     rotations (m, J, 3, 3) (RELION matrices), origins (m, S, 2) and the
     per-rotation fulcrum term (m, J, 2) in pixels; ``counts = (n_rot, n_shift)``
     (m,) are the real rows of each particle (the rest is padding).
+``ops.power_sums(rotations, weights, *, r_max_px) -> (m, W)``
+    Weighted sums over the pixels of the bound's power
+    (:func:`.scoring.weighted_projection_power` of one rotation per particle):
+    ``sum_p power[i, p] * weights(k)[w, p]``, with ``weights`` a function of
+    the pixels' radii ``k`` (P,) (pixels) returning (W, P). The search needs
+    only such sums (high-band power, cell margin), so the power itself can
+    stay where it was computed.
 ``ops.power(rotations, *, r_max_px) -> (power (m, P), radius (P,))``
-    :func:`.scoring.weighted_projection_power` of one rotation per particle.
+    The power itself (pixel order up to the ops; for checks and diagnostics).
 
 and the grid only through three reductions, each of ``(e + add_r) + add_s``
 (``add_r`` (m, J) and ``add_s`` (m, S) in float64, summed in that order; the
@@ -127,12 +134,16 @@ class HostBatchOps:
         projector, _, ctf, inv_sigma2 = self.args
         return self.power_fn(projector, ctf, inv_sigma2, rotations, r_max_px=r_max_px)
 
+    def power_sums(self, rotations, weights, *, r_max_px):
+        power, k = self.power(rotations, r_max_px=r_max_px)
+        return power @ np.asarray(weights(k), dtype=np.float64).T
+
 
 def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max_px):
     """The batch ops of one batch: the ``score_fn``'s own (``bind_batch``) or the host's.
 
-    A bound object's ``power`` is used only when ``power_fn`` is
-    ``score_fn.power``; another ``power_fn`` is kept as given.
+    A bound object's ``power`` and ``power_sums`` are used only when
+    ``power_fn`` is ``score_fn.power``; another ``power_fn`` is kept as given.
     """
     args = (score_fn, power_fn, projector, images_f, ctf, inv_sigma2)
     bind = getattr(score_fn, "bind_batch", None)
@@ -140,7 +151,8 @@ def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max
         return HostBatchOps(*args)
     ops = bind(projector, images_f, ctf, inv_sigma2, r_max_px=r_max_px)
     if power_fn != getattr(score_fn, "power", None):
-        ops.power = HostBatchOps(*args).power
+        host = HostBatchOps(*args)
+        ops.power, ops.power_sums = host.power, host.power_sums
     return ops
 
 

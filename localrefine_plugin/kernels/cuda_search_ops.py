@@ -39,6 +39,7 @@ from .cuda_scoring import (
 __all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
 
 _REDUCE_BLOCK = 64  # threads per block of the grid reductions
+_POWER_SUM_THREADS = 128  # POWER_SUM_THREADS of search_prep.cu
 
 
 class CudaScoreFn:
@@ -180,6 +181,7 @@ class CudaBatchOps:
         prep = load_kernels("search_prep.cu")
         self._fold = prep.get_function("fold_weights")
         self._power = prep.get_function("projection_power")
+        self._power_sums = prep.get_function("power_weighted_sums")
 
     def close(self) -> None:
         """Free the batch's device arrays (the search calls it when the batch is done)."""
@@ -250,16 +252,10 @@ class CudaBatchOps:
             chunks.append((start, stop, e_g))
         return CudaGrid(chunks, m, n_rot, n_shift)
 
-    def power(self, rotations, *, r_max_px):
-        """The bound's power (m, P) and ``|k|`` (P,), pixels in radius order.
-
-        ``mult c^2 |P|^2 / sigma2`` per pixel (:func:`.scoring.weighted_projection_power`,
-        whose pixel order differs; the search uses only sums over radius masks),
-        computed in float32 by kernel ``projection_power``.
-        """
+    def _power_g(self, rotations, npix: int):
+        """The bound's power (m, npix) float32 on the device (kernel ``projection_power``)."""
         from pycuda import gpuarray
 
-        npix = self._npix(r_max_px)
         m = self.m
         _, w1_g = self._weights(npix, 0, m)
         rot_g = to_device(
@@ -271,4 +267,37 @@ class CudaBatchOps:
             rot_g, np.int32(m), self.kx_g, self.ky_g, w1_g, np.int32(npix), out_g,
             block=(128, 1, 1), grid=((npix + 127) // 128, m),
         )  # fmt: skip
-        return out_g.get().astype(np.float64), self.radius[:npix]
+        return out_g
+
+    def power(self, rotations, *, r_max_px):
+        """The bound's power (m, P) and ``|k|`` (P,), pixels in radius order.
+
+        ``mult c^2 |P|^2 / sigma2`` per pixel (:func:`.scoring.weighted_projection_power`,
+        whose pixel order differs; the search uses only sums over radius masks),
+        computed in float32 by kernel ``projection_power``.
+        """
+        npix = self._npix(r_max_px)
+        power_g = self._power_g(rotations, npix)
+        return power_g.get().astype(np.float64), self.radius[:npix]
+
+    def power_sums(self, rotations, weights, *, r_max_px):
+        """Weighted sums of the bound's power (m, W) (``engine/search_ops.py``).
+
+        The power stays on the device; kernel ``power_weighted_sums`` adds
+        ``power * weights(|k|)`` over the pixels in float64, and only the (m, W)
+        sums come back.
+        """
+        from pycuda import gpuarray
+
+        npix = self._npix(r_max_px)
+        w = np.ascontiguousarray(weights(self.radius[:npix]), dtype=np.float64)
+        if w.ndim != 2 or w.shape[1] != npix:
+            raise ValueError(f"weights must have shape (W, {npix}); got {w.shape}")
+        power_g = self._power_g(rotations, npix)
+        out_g = gpuarray.empty((self.m, w.shape[0]), dtype=np.float64)
+        self._power_sums(
+            power_g, np.int32(self.m), np.int32(npix), to_device(w, np.float64),
+            np.int32(w.shape[0]), out_g,
+            block=(_POWER_SUM_THREADS, 1, 1), grid=(self.m, w.shape[0]),
+        )  # fmt: skip
+        return out_g.get()

@@ -55,3 +55,33 @@ extern "C" __global__ void projection_power(const float2* __restrict__ vol, int 
     const size_t o = (size_t)i * npix + p;
     power[o] = 2.0f * w1[o] * (v.x * v.x + v.y * v.y);
 }
+
+// Weighted sums of the bound's power over the pixels, in double:
+//   out[i, w] = sum_p (double)power[i, p] * weights[w, p]
+// (the search needs only such sums: the high-band power and the cell margin,
+// engine/search.py). power: (m, npix) from projection_power; weights:
+// (n_weights, npix); out: (m, n_weights). grid: (m, n_weights); blockDim.x
+// must be POWER_SUM_THREADS. Each thread sums a strided subset of the pixels,
+// then the block adds the partial sums as a tree (a fixed order: the same
+// result every run).
+#define POWER_SUM_THREADS 128
+extern "C" __global__ void power_weighted_sums(const float* __restrict__ power, int m,
+                                               int npix, const double* __restrict__ weights,
+                                               int n_weights, double* __restrict__ out) {
+    __shared__ double partial[POWER_SUM_THREADS];
+    const int i = blockIdx.x;
+    const int w = blockIdx.y;
+    const int t = threadIdx.x;
+    if (i >= m || w >= n_weights || t >= POWER_SUM_THREADS) return;
+    const float* row = power + (size_t)i * npix;
+    const double* wr = weights + (size_t)w * npix;
+    double acc = 0.0;
+    for (int p = t; p < npix; p += POWER_SUM_THREADS) acc += (double)row[p] * wr[p];
+    partial[t] = acc;
+    __syncthreads();
+    for (int half = POWER_SUM_THREADS / 2; half > 0; half >>= 1) {
+        if (t < half) partial[t] += partial[t + half];
+        __syncthreads();
+    }
+    if (t == 0) out[(size_t)i * n_weights + w] = partial[0];
+}
