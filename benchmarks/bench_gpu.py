@@ -131,6 +131,117 @@ def timed(fn, repeat: int = 1):
     return best
 
 
+def _search_process(
+    rank, device, n, r_max, data, kw, batch_size, repeat, barrier, queue
+):
+    """One of K processes sharing the GPU (as ``mpirun -np K`` ranks on one GPU).
+
+    Builds its own projector (and, with ``device="cuda"``, its own CUDA
+    context), searches its share of the particles ``repeat`` times, each
+    start aligned with the other processes by ``barrier``, and puts
+    ``(rank, [(start, stop), ...], rotations, origins)`` (``time.monotonic``,
+    comparable across processes) on ``queue``.
+    """
+    fns = {}
+    if device == "cuda":
+        from localrefine_plugin.kernels import get_power_fn, get_score_fn
+        from localrefine_plugin.kernels.backend import ensure_context
+
+        ensure_context()
+        fns = dict(score_fn=get_score_fn(), power_fn=get_power_fn())
+    proj = FourierProjector(blob_volume(n), r_max_px=r_max + 1)
+    x, c, s, a, o = data
+    args = dict(kw, **fns, batch_size=batch_size)
+    local_search(
+        proj, x[:2], c[:2], s[:2], consensus_rotations=a[:2],
+        consensus_origins_px=o[:2], **args,
+    )  # warm (compiles)  # fmt: skip
+    spans = []
+    for _ in range(repeat):
+        barrier.wait()
+        t0 = time.monotonic()
+        found = local_search(
+            proj, x, c, s, consensus_rotations=a, consensus_origins_px=o, **args
+        )
+        spans.append((t0, time.monotonic()))
+    queue.put((rank, spans, found.rotations, found.origins_px))
+
+
+def search_in_processes(
+    k: int, device: str, n: int, r_max: int, data, kw, *, batch_size: int,
+    repeat: int = 2, timeout_s: float = 300.0,
+):  # fmt: skip
+    """Particles/s of K processes sharing the device, each searching a block.
+
+    ``data = (images, ctf, inv_sigma2, consensus_rotations, consensus_origins)``
+    for all M particles, dealt in contiguous blocks (as MPI ranks get them);
+    ``kw``: the other ``local_search`` arguments. Rate: M over the span from
+    the first start to the last stop, best of ``repeat``. Returns ``(rate,
+    rotations, origins)``, the poses in particle order. A process that does
+    not report within ``timeout_s`` fails the measurement.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")  # a fresh process: its own CUDA context
+    m = data[0].shape[0]
+    bounds = np.linspace(0, m, k + 1).astype(int)
+    barrier, out = ctx.Barrier(k), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_search_process,
+            args=(
+                r,
+                device,
+                n,
+                r_max,
+                tuple(d[bounds[r] : bounds[r + 1]] for d in data),
+                kw,
+                batch_size,
+                repeat,
+                barrier,
+                out,
+            ),
+        )
+        for r in range(k)
+    ]
+    for p in procs:
+        p.start()
+    got: dict = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < k:
+            try:
+                rank, spans, rot, org = out.get(timeout=2.0)
+            except queue_mod.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{k} search processes: {k - len(got)} did not report "
+                        f"(exit codes of the failed ones: {failed}; limit "
+                        f"{timeout_s:.0f} s)"
+                    ) from None
+                continue
+            got[rank] = (spans, rot, org)
+    finally:
+        for p in procs:
+            if len(got) < k:  # a failure: the others may wait at the barrier
+                p.kill()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{k} search processes: exit codes {bad}")
+    rate = max(
+        m / (max(got[r][0][i][1] for r in got) - min(got[r][0][i][0] for r in got))
+        for i in range(repeat)
+    )
+    rot = np.concatenate([got[r][1] for r in range(k)])
+    org = np.concatenate([got[r][2] for r in range(k)])
+    return rate, rot, org
+
+
 def bench_box(n: int, quick: bool, peaks, log) -> dict:
     import pycuda.driver as cuda
 
@@ -321,6 +432,27 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"{res['same_pose_as_cpu']} particles"
     )
 
+    # -- K processes sharing the GPU, as `mpirun -np K` ranks on one GPU ----------------
+    # (each with its own CUDA context; the host work of one overlaps the
+    # kernels of the others); the same particles as above, in K blocks
+    data = (xs, cs, ss, a_cons, o_s + 0.7)
+    kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
+    ref = found["bound_batch128"]
+    for k in (2,) if quick else (2, 4, 8):
+        rate, rot_k, org_k = search_in_processes(
+            k, "cuda", n, r_max, data, kw_p, batch_size=128
+        )
+        res[f"gpu_particles_per_s_processes{k}"] = rate
+        same = (geodesic_angle_deg(rot_k, ref.rotations) < 1e-3) & np.all(
+            np.abs(org_k - ref.origins_px) < 1e-3, axis=1
+        )
+        res[f"processes{k}_same_pose"] = f"{int(same.sum())} of {m_s_gpu}"
+        log(
+            f"  local search, {k} processes sharing the GPU (batches of 128): "
+            f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
+            f"one process for {res[f'processes{k}_same_pose']} particles"
+        )
+
     # -- projection and back-projection -------------------------------------------------
     m_p = 64 if quick else 512
     ap = euler_to_matrix(*rng.uniform(-180, 180, (3, m_p)))
@@ -406,14 +538,24 @@ def main() -> int:
             f"{r['gpu_particles_per_s_bound_batch128']:.4g} "
             f"({r['gpu_particles_per_s_bound_batch128'] / cpu:.0f}x), per-call "
             f"{r['gpu_particles_per_s_per_call']:.4g} "
-            f"({r['gpu_particles_per_s_per_call'] / cpu:.0f}x), CPU {cpu:.3g}; same "
-            f"pose as the CPU for {r['same_pose_as_cpu']}"
+            f"({r['gpu_particles_per_s_per_call'] / cpu:.0f}x), "
+            + "".join(
+                f"{k[len('gpu_particles_per_s_processes') :]} processes {v:.4g} "
+                f"({v / cpu:.0f}x), "
+                for k, v in r.items()
+                if k.startswith("gpu_particles_per_s_processes")
+            )
+            + f"CPU {cpu:.3g}; same pose as the CPU for {r['same_pose_as_cpu']}"
         )
     big = [r for r in results["boxes"] if r["box"] == 256]
     if big:
         r = big[0]
-        rates = {
-            k: v for k, v in r.items() if k.startswith("gpu_particles_per_s_bound")
+        rates = {  # the supported configurations: one process, K ranks on one GPU
+            k: v
+            for k, v in r.items()
+            if k.startswith(
+                ("gpu_particles_per_s_bound", "gpu_particles_per_s_processes")
+            )
         }
         best = max(rates, key=rates.get)
         t_search = 1e6 / rates[best]

@@ -1,0 +1,68 @@
+"""The GPU benchmark's K-processes measurement (``benchmarks/bench_gpu.py``),
+run here on the CPU path: each process searches its block of particles, and
+together they find the poses one process finds; a failing process fails the
+measurement at once instead of leaving the others waiting."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localrefine_plugin.engine.geometry import axis_angle_to_matrix
+from localrefine_plugin.engine.projector import FourierProjector
+from localrefine_plugin.engine.search import local_search
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    # the benchmark sets the BLAS thread variables on import; restore them after
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.syspath_prepend(str(BENCH_DIR))  # spawned processes import it too
+    return importlib.import_module("bench_gpu")
+
+
+def _data(bench, n: int, r_max: int, m: int):
+    proj = FourierProjector(bench.blob_volume(n), r_max_px=r_max + 1)
+    rng = np.random.default_rng(3)
+    x, ctf, inv_s2, a, o = bench.particles(proj, m, rng)
+    a_cons = a @ axis_angle_to_matrix(rng.normal(size=(m, 3)), 2.0)
+    return proj, (x, ctf, inv_s2, a_cons, o + 0.4)
+
+
+def test_processes_find_the_poses_of_one_process(bench):
+    n, r_max, m = 24, 9, 5
+    proj, data = _data(bench, n, r_max, m)
+    kw = dict(
+        fulcrum_px=np.array([1.0, 0.0, -2.0]),
+        r_max_px=float(r_max),
+        rotation_extent_deg=4.0,
+        shift_extent_px=1.0,
+        alignment_resolution_deg=1.0,
+    )
+    rate, rot, org = bench.search_in_processes(
+        2, "cpu", n, r_max, data, kw, batch_size=2, repeat=1, timeout_s=120
+    )
+    x, ctf, inv_s2, a_cons, o_cons = data
+    one = local_search(
+        proj, x, ctf, inv_s2, consensus_rotations=a_cons, consensus_origins_px=o_cons,
+        batch_size=2, **kw,
+    )  # fmt: skip
+    assert np.isfinite(rate) and rate > 0
+    np.testing.assert_array_equal(rot, one.rotations)
+    np.testing.assert_array_equal(org, one.origins_px)
+
+
+def test_a_failing_process_fails_the_measurement(bench):
+    n, r_max = 24, 9
+    _, data = _data(bench, n, r_max, 4)
+    kw = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max), rotation_extent_deg=-1.0)
+    with pytest.raises(RuntimeError, match="did not report"):
+        bench.search_in_processes(
+            2, "cpu", n, r_max, data, kw, batch_size=2, repeat=1, timeout_s=120
+        )
