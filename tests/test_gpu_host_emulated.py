@@ -323,6 +323,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "fold_weights",
         "projection_power",
         "power_weighted_sums",
+        "candidate_rotations",
     }
     assert names == expected
 
@@ -550,7 +551,9 @@ def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
 def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
     """`CudaScoreFn.bind_batch`: scores at a smaller radius (a prefix of the
     radius-sorted pixels) and the bound's power equal the engine's, with a CTF
-    and noise model per particle or one shared by all (uploaded once)."""
+    and noise model per particle or one shared by all (uploaded once); the
+    power's weighted sums, and scores of rotations formed on the device."""
+    from localrefine_plugin.engine.local_grid import rotations_about_fulcrum
     from localrefine_plugin.engine.scoring import weighted_projection_power
     from localrefine_plugin.engine.search_ops import HostGrid
     from localrefine_plugin.kernels.cuda_scoring import get_score_fn
@@ -599,6 +602,19 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
     np.testing.assert_allclose(sums, want @ weights(k_want).T, rtol=1e-5)
     with pytest.raises(ValueError, match="weights must have shape"):
         ops.power_sums(a, lambda k: np.ones((2, k.size + 1)), r_max_px=9.0)
+    # rotations about a fulcrum formed on the device (score_local) score as
+    # the same rotations formed on the host; v = 0 is the consensus itself
+    v = rng.normal(0, 3, (m, n_rot, 3))
+    v[:, 0] = 0.0
+    f = np.array([2.0, -3.0, 1.5])
+    rot_h, term_h = rotations_about_fulcrum(a, v, f)
+    assert np.array_equal(rot_h[:, 0], a) and not term_h[:, 0].any()
+    for radius in (4.5, 9.0):
+        want = ops.score(rot_h, shifts, r_max_px=radius, rotation_shifts_px=term_h)
+        got = ops.score_local(a, v, shifts, fulcrum_px=f, r_max_px=radius)
+        np.testing.assert_allclose(
+            got.values(zeros_r, zeros_s), want.values(zeros_r, zeros_s), rtol=1e-6
+        )
 
 
 def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(

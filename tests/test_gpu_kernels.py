@@ -292,7 +292,8 @@ def test_grid_reductions_match_the_host(gpu, rng):
 def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
     """`CudaScoreFn.bind_batch`: a stage radius (prefix of the radius-sorted
     pixels) and the full radius score as the engine; the bound's power and its
-    weighted sums too."""
+    weighted sums too; rotations about a fulcrum formed on the device."""
+    from localrefine_plugin.engine.local_grid import rotations_about_fulcrum
     from localrefine_plugin.engine.scoring import weighted_projection_power
     from localrefine_plugin.kernels import get_score_fn
 
@@ -319,3 +320,12 @@ def test_bound_batch_scores_and_power_match_the_cpu(gpu, rng):
 
     sums = ops.power_sums(a_true, weights, r_max_px=30.0)
     np.testing.assert_allclose(sums, want @ weights(k_want).T, rtol=1e-4)
+    # rotations about a fulcrum formed on the device (score_local, kernel
+    # candidate_rotations) score as the same rotations formed on the host
+    v = rng.normal(0, 3, (m, n_rot, 3))
+    v[:, 0] = 0.0
+    f = np.array([4.0, -6.0, 3.0])
+    rot_h, term_h = rotations_about_fulcrum(a_true, v, f)
+    want = ops.score(rot_h, shifts, r_max_px=30.0, rotation_shifts_px=term_h)
+    got = ops.score_local(a_true, v, shifts, fulcrum_px=f, r_max_px=30.0)
+    np.testing.assert_allclose(got.values(zr, zs), want.values(zr, zs), rtol=1e-5)

@@ -25,6 +25,8 @@ import itertools
 
 import numpy as np
 
+from .geometry import fulcrum_shift
+
 __all__ = [
     "rotation_grid",
     "subdivide_rotations",
@@ -36,6 +38,7 @@ __all__ = [
     "vector_norm",
     "rotvec_to_matrix",
     "rotvec_matrix_entries",
+    "rotations_about_fulcrum",
     "finest_grid",
 ]
 
@@ -316,6 +319,54 @@ def rotvec_to_matrix(rotvec_deg: np.ndarray) -> np.ndarray:
     """
     r = rotvec_matrix_entries(rotvec_deg)
     return np.stack([np.stack(row, axis=-1) for row in r], axis=-2)
+
+
+#: (m, J) elements formed per step by :func:`rotations_about_fulcrum`: each
+#: temporary (128 KiB) stays in the cache and the allocator's free list; over
+#: the whole (512, 600) stack at once, every temporary is fresh memory whose
+#: page faults cost more than the arithmetic (130 ms against 40 ms, measured)
+ROTATION_CHUNK = 16384
+
+
+def rotations_about_fulcrum(a_cons, rotvecs_deg, fulcrum_px):
+    """Rotations about a fulcrum: ``A = A_cons R(v)`` and ``((A - A_cons) f)_xy``.
+
+    Parameters
+    ----------
+    a_cons : ndarray, shape (m, 3, 3)
+        Consensus RELION matrices.
+    rotvecs_deg : ndarray, shape (m, J, 3)
+        Rotation perturbations ``v`` (axis times angle, degrees).
+    fulcrum_px : ndarray, shape (3,)
+        Map coordinates (pixels, x y z) relative to the box centre.
+
+    Returns
+    -------
+    rotations : ndarray, shape (m, J, 3, 3)
+    fulcrum_term : ndarray, shape (m, J, 2)
+        Pixels (:func:`.geometry.fulcrum_shift`); the origin change that
+        keeps the fulcrum in place (:func:`.search.candidate_poses`).
+
+    Formed entry by entry, a few particles at a time (the search's main host
+    cost otherwise); ``v = 0`` gives ``A_cons`` and a zero term exactly.
+    """
+    a_cons = np.asarray(a_cons, dtype=np.float64)
+    rotvecs_deg = np.asarray(rotvecs_deg, dtype=np.float64)
+    m, width = rotvecs_deg.shape[:2]
+    rot = np.empty((m, width, 3, 3))
+    term = np.empty((m, width, 2))
+    step = max(1, ROTATION_CHUNK // max(width, 1))
+    for start in range(0, m, step):
+        part = slice(start, start + step)
+        r = rotvec_matrix_entries(rotvecs_deg[part])  # r[k][l]: (b, J)
+        a = a_cons[part, None, :, :]  # (b, 1, 3, 3)
+        for i in range(3):
+            for col in range(3):
+                rot[part, :, i, col] = (
+                    a[..., i, 0] * r[0][col] + a[..., i, 1] * r[1][col]
+                ) + a[..., i, 2] * r[2][col]
+        term[part] = fulcrum_shift(rot[part], a, fulcrum_px)
+    return rot, term
 
 
 def finest_grid(

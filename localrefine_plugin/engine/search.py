@@ -104,12 +104,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .geometry import fulcrum_shift, geodesic_angle_deg
+from .geometry import geodesic_angle_deg
 from .local_grid import (
     clip_to_extent,
     compact_rows,
     rotation_grid,
-    rotvec_matrix_entries,
+    rotations_about_fulcrum,
     shift_grid,
     split_kept_cells,
     vector_norm,
@@ -241,7 +241,7 @@ def candidate_poses(
     origins : ndarray, shape (m, J, S, 2)
         ``o_cons + t + ((A - A_cons) f)_xy`` (module docstring).
     """
-    rot, fs = _rotations_about_fulcrum(
+    rot, fs = rotations_about_fulcrum(
         np.asarray(consensus_rotations, dtype=np.float64), rotvecs_deg, fulcrum_px
     )
     origins = (
@@ -250,39 +250,6 @@ def candidate_poses(
         + fs[:, :, None, :]
     )  # (m, J, S, 2)
     return rot, origins
-
-
-#: (m, J) elements formed per step by :func:`_rotations_about_fulcrum`: each
-#: temporary (128 KiB) stays in the cache and the allocator's free list; over
-#: the whole (512, 600) stack at once, every temporary is fresh memory whose
-#: page faults cost more than the arithmetic (130 ms against 40 ms, measured)
-_ROTATION_CHUNK = 16384
-
-
-def _rotations_about_fulcrum(a_cons, rotvecs_deg, fulcrum_px):
-    """``A = A_cons R(v)`` (m, J, 3, 3) and the fulcrum term ``((A - A_cons) f)_xy``
-    (m, J, 2) of :func:`candidate_poses`.
-
-    Formed entry by entry, a few particles at a time (the search's main host
-    cost otherwise); ``v = 0`` gives ``A_cons`` and a zero term exactly.
-    """
-    a_cons = np.asarray(a_cons, dtype=np.float64)
-    rotvecs_deg = np.asarray(rotvecs_deg, dtype=np.float64)
-    m, width = rotvecs_deg.shape[:2]
-    rot = np.empty((m, width, 3, 3))
-    term = np.empty((m, width, 2))
-    step = max(1, _ROTATION_CHUNK // max(width, 1))
-    for start in range(0, m, step):
-        part = slice(start, start + step)
-        r = rotvec_matrix_entries(rotvecs_deg[part])  # r[k][l]: (b, J)
-        a = a_cons[part, None, :, :]  # (b, 1, 3, 3)
-        for i in range(3):
-            for col in range(3):
-                rot[part, :, i, col] = (
-                    a[..., i, 0] * r[0][col] + a[..., i, 1] * r[1][col]
-                ) + a[..., i, 2] * r[2][col]
-        term[part] = fulcrum_shift(rot[part], a, fulcrum_px)
-    return rot, term
 
 
 def _prior(
@@ -561,8 +528,7 @@ class _Scored:
     rv: np.ndarray  # (m, J, 3) cell centres
     tv: np.ndarray  # (m, S, 2)
     tv_eval: np.ndarray  # (m, S, 2) clipped into the extent
-    rot: np.ndarray  # (m, J, 3, 3)
-    rot_shift: np.ndarray  # (m, J, 2) fulcrum term
+    rv_eval: np.ndarray  # (m, J, 3) clipped into the extent
     grid: object  # the scores without priors (engine/search_ops.py)
     prior_r: np.ndarray  # (m, J) priors of the evaluated poses, inf on the padding
     prior_s: np.ndarray  # (m, S)
@@ -576,13 +542,13 @@ def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
     rv, tv = rots.centres, shifts.centres
     rv_eval = clip_to_extent(rv, cfg["rot_ext"])
     tv_eval = clip_to_extent(tv, cfg["shift_ext"])
-    rot, rot_shift = _rotations_about_fulcrum(a_cons, rv_eval, cfg["fulcrum"])
     counts = (rots.count(), shifts.count())
-    grid = ops.score(
-        rot,
+    grid = ops.score_local(
+        a_cons,
+        rv_eval,
         o_cons[:, None, :] + tv_eval,
+        fulcrum_px=cfg["fulcrum"],
         r_max_px=radius,
-        rotation_shifts_px=rot_shift,
         counts=counts,
     )  # (m, J, S)
     # priors, inf on the padding (so the padded poses drop out of every minimum)
@@ -591,11 +557,13 @@ def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
     jb, sb, best = grid.best(prior_r, prior_s)
     n_valid = counts[0] * counts[1]
     return _Scored(
-        rv, tv, tv_eval, rot, rot_shift, grid, prior_r, prior_s, n_valid, jb, sb, best
+        rv, tv, tv_eval, rv_eval, grid, prior_r, prior_s, n_valid, jb, sb, best
     )
 
 
-def _upper_and_high_band(ops, x, inv_sigma2, o_cons, sc, radius, cfg, cell=None):
+def _upper_and_high_band(
+    ops, x, inv_sigma2, a_cons, o_cons, sc, radius, cfg, cell=None
+):
     """Full score of the best candidate (upper bound), high-band bound and sums.
 
     ``cell``: ``(rotation_step_deg, shift_step_px)`` of the stage's cells, or
@@ -609,15 +577,17 @@ def _upper_and_high_band(ops, x, inv_sigma2, o_cons, sc, radius, cfg, cell=None)
     """
     m, n = x.shape[0], x.shape[1]
     rows = np.arange(m)
-    rot_b = sc.rot[rows, sc.jb]  # (m, 3, 3)
+    rv_b = sc.rv_eval[rows, sc.jb][:, None]  # (m, 1, 3)
     no_prior = np.zeros((m, 1))
-    e_full = ops.score(
-        rot_b[:, None],
+    e_full = ops.score_local(
+        a_cons,
+        rv_b,
         o_cons[:, None, :] + sc.tv_eval[rows, sc.sb][:, None],
+        fulcrum_px=cfg["fulcrum"],
         r_max_px=cfg["r_max"],
-        rotation_shifts_px=sc.rot_shift[rows, sc.jb][:, None],
         counts=(np.ones(m, np.int64), np.ones(m, np.int64)),
     ).values(no_prior, no_prior)[:, 0, 0]
+    rot_b = rotations_about_fulcrum(a_cons, rv_b, cfg["fulcrum"])[0][:, 0]
     upper = e_full + sc.prior_r[rows, sc.jb] + sc.prior_s[rows, sc.sb]  # with priors
     if cell is None:
         disp2 = None
@@ -726,7 +696,7 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
         sc = _score_grid(ops, a_cons, o_cons, rots, shifts, stage.radius_px, cfg)
         n_eval += sc.n_valid + 1  # + the upper-bound pose
         upper, high_bound, h, m_cell = _upper_and_high_band(
-            ops, x, inv_sigma2, o_cons, sc, stage.radius_px, cfg,
+            ops, x, inv_sigma2, a_cons, o_cons, sc, stage.radius_px, cfg,
             cell=(stage.rotation_step_deg, stage.shift_step_px),
         )  # fmt: skip
         half_shift = np.sqrt(2) / 2 * stage.shift_step_px
@@ -779,7 +749,7 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
         sc = _score_grid(ops, a_cons, o_cons, rots, shifts, r_pre, cfg)
         n_eval += sc.n_valid + 1
         upper, high_bound, _, _ = _upper_and_high_band(
-            ops, x, inv_sigma2, o_cons, sc, r_pre, cfg
+            ops, x, inv_sigma2, a_cons, o_cons, sc, r_pre, cfg
         )
         over_s, over_r = sc.grid.minima(sc.prior_r, sc.prior_s)  # inf on the padding
         minima = (over_s + high_bound[:, None], over_r + high_bound[:, None])
@@ -801,10 +771,10 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
         sc.n_valid.mean(),
         n_eval.mean(),
     )
-    return _finish(sc, a_cons, o_cons, n_eval, cfg["top_k"])
+    return _finish(sc, a_cons, o_cons, n_eval, cfg["top_k"], cfg["fulcrum"])
 
 
-def _finish(sc: _Scored, a_cons, o_cons, n_eval, top_k) -> SearchResult:
+def _finish(sc: _Scored, a_cons, o_cons, n_eval, top_k, fulcrum) -> SearchResult:
     m = sc.jb.size
     if top_k == 1:
         j, s, top_scores = sc.jb[:, None], sc.sb[:, None], sc.best[:, None]
@@ -813,11 +783,11 @@ def _finish(sc: _Scored, a_cons, o_cons, n_eval, top_k) -> SearchResult:
         k = min(top_k, flat.shape[1])
         order = np.argsort(flat, axis=1, kind="stable")[:, :k]  # (m, K)
         top_scores = np.take_along_axis(flat, order, axis=1)
-        j, s = np.unravel_index(order, (sc.rot.shape[1], sc.tv.shape[1]))
+        j, s = np.unravel_index(order, (sc.rv_eval.shape[1], sc.tv.shape[1]))
     rows = np.arange(m)[:, None]
-    top_rot = sc.rot[rows, j]  # (m, K, 3, 3)
+    top_rot, term = rotations_about_fulcrum(a_cons, sc.rv_eval[rows, j], fulcrum)
     # standard origins o_cons + t + fulcrum term (candidate_poses)
-    top_orig = o_cons[:, None, :] + sc.tv_eval[rows, s] + sc.rot_shift[rows, j]
+    top_orig = o_cons[:, None, :] + sc.tv_eval[rows, s] + term
     rel = np.exp(-(top_scores - top_scores[:, :1]))
     rel = np.where(np.isfinite(top_scores), rel, 0.0)
     weights = rel / rel.sum(axis=1, keepdims=True)

@@ -8,6 +8,12 @@ ops* object, made once per batch of particles:
     rotations (m, J, 3, 3) (RELION matrices), origins (m, S, 2) and the
     per-rotation fulcrum term (m, J, 2) in pixels; ``counts = (n_rot, n_shift)``
     (m,) are the real rows of each particle (the rest is padding).
+``ops.score_local(a_cons, rotvecs_deg, shifts_px, *, fulcrum_px, r_max_px, counts) -> grid``
+    The same for the rotations ``A_cons R(v)`` about the fulcrum and their
+    fulcrum term (:func:`.local_grid.rotations_about_fulcrum`): consensus
+    matrices (m, 3, 3), rotation vectors (m, J, 3) in degrees, fulcrum (3,)
+    in pixels. What the search calls; the ops may form the rotations where
+    it scores them (the GPU's do, on the device).
 ``ops.power_sums(rotations, weights, *, r_max_px) -> (m, W)``
     Weighted sums over the pixels of the bound's power
     (:func:`.scoring.weighted_projection_power` of one rotation per particle):
@@ -50,6 +56,7 @@ import logging
 
 import numpy as np
 
+from .local_grid import rotations_about_fulcrum
 from .scoring import score_poses
 
 log = logging.getLogger(__name__)
@@ -129,6 +136,14 @@ class HostBatchOps:
                 rotation_shifts_px=rotation_shifts_px[i : i + 1, :j],
             )[0]
         return HostGrid(e)
+
+    def score_local(
+        self, a_cons, rotvecs_deg, shifts_px, *, fulcrum_px, r_max_px, counts
+    ):
+        rot, term = rotations_about_fulcrum(a_cons, rotvecs_deg, fulcrum_px)
+        return self.score(
+            rot, shifts_px, r_max_px=r_max_px, rotation_shifts_px=term, counts=counts
+        )
 
     def power(self, rotations, *, r_max_px):
         projector, _, ctf, inv_sigma2 = self.args

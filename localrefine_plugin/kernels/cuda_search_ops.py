@@ -8,12 +8,16 @@
   (``search_prep.cu``) folds them into the scoring weights over the half-plane
   pixels sorted by radius, so every stage's radius is a prefix of one table
   (folded once per radius);
+* each stage's rotations ``A_cons R(v)`` and fulcrum terms are formed on the
+  device from the rotation vectors (kernel ``candidate_rotations``,
+  ``score_local``);
 * each stage's grid is scored by ``phase_table`` + ``score_tiles`` into device
   memory and reduced there by ``grid_min_over_shifts`` /
   ``grid_min_over_rotations`` (``grid_reduce.cu``): only the (m, J) and
   (m, S) minima come back, not the (m, J, S) scores;
 * the bound's projection power is kernel ``projection_power`` on the same
-  sorted pixels, weighted by the folded weights on the device.
+  sorted pixels, weighted by the folded weights on the device; only its
+  weighted sums come back (kernel ``power_weighted_sums``, ``power_sums``).
 
 Scores are float32 (as :mod:`.cuda_scoring`); the reductions add the float64
 priors in double, in the host's order.
@@ -182,6 +186,7 @@ class CudaBatchOps:
         self._fold = prep.get_function("fold_weights")
         self._power = prep.get_function("projection_power")
         self._power_sums = prep.get_function("power_weighted_sums")
+        self._rotations = prep.get_function("candidate_rotations")
 
     def close(self) -> None:
         """Free the batch's device arrays (the search calls it when the batch is done)."""
@@ -218,11 +223,56 @@ class CudaBatchOps:
         return hit
 
     def score(self, rotations, shifts_px, *, r_max_px, rotation_shifts_px, counts=None):
-        """Score the padded grid on the device; returns a :class:`CudaGrid`."""
+        """Score the padded grid of the given poses; returns a :class:`CudaGrid`."""
+        n_rot = rotations.shape[1]
+
+        def poses(start, stop):
+            b = stop - start
+            rot_g = to_device(rotations[start:stop].reshape(b, n_rot, 9), np.float32)
+            rs_g = None
+            if rotation_shifts_px is not None:
+                rs_g = to_device(rotation_shifts_px[start:stop], np.float32)
+            return rot_g, rs_g
+
+        return self._score(poses, n_rot, shifts_px, r_max_px)
+
+    def score_local(
+        self, a_cons, rotvecs_deg, shifts_px, *, fulcrum_px, r_max_px, counts=None
+    ):
+        """Score the padded grid of rotations ``A_cons R(v)`` about the fulcrum.
+
+        The rotations and the fulcrum term are formed on the device (kernel
+        ``candidate_rotations``, in double) from the (m, 3, 3) consensus
+        matrices and the (m, J, 3) rotation vectors: only those are uploaded.
+        """
+        from pycuda import gpuarray
+
+        n_rot = rotvecs_deg.shape[1]
+        a_cons = np.asarray(a_cons, dtype=np.float64)
+        rotvecs_deg = np.asarray(rotvecs_deg, dtype=np.float64)
+        f_g = to_device(np.asarray(fulcrum_px, dtype=np.float64).reshape(3), np.float64)
+
+        def poses(start, stop):
+            b = stop - start
+            rot_g = gpuarray.empty((b, n_rot, 9), dtype=np.float32)
+            rs_g = gpuarray.empty((b, n_rot, 2), dtype=np.float32)
+            self._rotations(
+                to_device(a_cons[start:stop].reshape(b, 9), np.float64),
+                to_device(rotvecs_deg[start:stop], np.float64), np.int32(b),
+                np.int32(n_rot), f_g, rot_g, rs_g,
+                block=(128, 1, 1), grid=((n_rot + 127) // 128, b),
+            )  # fmt: skip
+            return rot_g, rs_g
+
+        return self._score(poses, n_rot, shifts_px, r_max_px)
+
+    def _score(self, poses, n_rot: int, shifts_px, r_max_px) -> CudaGrid:
+        """Score on the device, in particle chunks that fit; ``poses(start, stop)``
+        gives the chunk's device rotations (b, J, 9) and fulcrum terms (or None)."""
         from pycuda import gpuarray
 
         m = self.m
-        n_rot, n_shift = rotations.shape[1], shifts_px.shape[1]
+        n_shift = shifts_px.shape[1]
         npix = self._npix(r_max_px)
         batch = batch_size_for(
             bytes_per_particle(npix, n_rot, n_shift),
@@ -239,10 +289,7 @@ class CudaBatchOps:
                 y_g, to_device(shifts_px[start:stop], np.float32), self.kx_g, self.ky_g,
                 b=b, n_shift=n_shift, npix=npix, n=self.n, z_g=z_g,
             )  # fmt: skip
-            rot_g = to_device(rotations[start:stop].reshape(b, n_rot, 9), np.float32)
-            rs_g = None
-            if rotation_shifts_px is not None:
-                rs_g = to_device(rotation_shifts_px[start:stop], np.float32)
+            rot_g, rs_g = poses(start, stop)
             e_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
             launch_score_tiles(
                 variant_for(n_shift), self.projector, self.vol, rot_g, rs_g,

@@ -1,5 +1,6 @@
 // Per-batch preparation for the local search on the device (cuda_search_ops.py):
-// the scoring weights folded from the images, and the bound's projection power.
+// the scoring weights folded from the images, the bound's projection power and
+// its weighted sums, and the candidate rotations about the fulcrum.
 // Conventions: localrefine_common.h; the weights are those of scoring.cu:
 //   w1[i, p] = 0.5 * mult_p * ctf_ip^2 / sigma2_i(shell_p)
 //   Y[i, p]  = mult_p * ctf_ip / sigma2_i(shell_p) * conj(X_ip)
@@ -84,4 +85,57 @@ extern "C" __global__ void power_weighted_sums(const float* __restrict__ power, 
         __syncthreads();
     }
     if (t == 0) out[(size_t)i * n_weights + w] = partial[0];
+}
+
+// Candidate rotations of the local search about a fulcrum
+// (engine/local_grid.py rotations_about_fulcrum), in double, stored as float32
+// for score_tiles:
+//   A = A_cons R(v), R(v) the active right-handed rotation by the rotation
+//   vector v (axis times angle, degrees) through its unit quaternion
+//   (cos(h), v/|v| sin(h)), h = |v|/2 in radians; v = 0 gives the identity;
+//   term = ((A - A_cons) f)_xy (pixels), f the fulcrum (x y z, pixels).
+// grid: (ceil(J / blockDim.x), m); a_cons: (m, 9) row-major RELION matrices;
+// rotvecs: (m, J, 3); fulcrum: 3 doubles; rot: (m, J, 9); term: (m, J, 2).
+extern "C" __global__ void candidate_rotations(const double* __restrict__ a_cons,
+                                               const double* __restrict__ rotvecs, int m,
+                                               int J, const double* __restrict__ fulcrum,
+                                               float* __restrict__ rot,
+                                               float* __restrict__ term) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = blockIdx.y;
+    if (j >= J || i >= m) return;
+    const size_t row = (size_t)i * J + j;
+    const double deg = 0.017453292519943295;  // pi / 180
+    const double vx = rotvecs[3 * row] * deg;
+    const double vy = rotvecs[3 * row + 1] * deg;
+    const double vz = rotvecs[3 * row + 2] * deg;
+    const double half = sqrt(vx * vx + vy * vy + vz * vz) / 2;
+    const double w = cos(half);
+    const double scale = half > 0 ? 0.5 * sin(half) / half : 0.5;
+    const double x = vx * scale, y = vy * scale, z = vz * scale;
+    double r[9];
+    r[0] = 1 - 2 * (y * y + z * z);
+    r[1] = 2 * (x * y - w * z);
+    r[2] = 2 * (x * z + w * y);
+    r[3] = 2 * (x * y + w * z);
+    r[4] = 1 - 2 * (x * x + z * z);
+    r[5] = 2 * (y * z - w * x);
+    r[6] = 2 * (x * z - w * y);
+    r[7] = 2 * (y * z + w * x);
+    r[8] = 1 - 2 * (x * x + y * y);
+    const double* a = a_cons + 9 * (size_t)i;
+    float* out = rot + 9 * row;
+    double d[6];  // rows x and y of A - A_cons
+#pragma unroll
+    for (int e = 0; e < 3; ++e) {
+#pragma unroll
+        for (int c = 0; c < 3; ++c) {
+            const double v = (a[3 * e] * r[c] + a[3 * e + 1] * r[3 + c]) + a[3 * e + 2] * r[6 + c];
+            out[3 * e + c] = (float)v;
+            if (e < 2) d[3 * e + c] = v - a[3 * e + c];
+        }
+    }
+    const double fx = fulcrum[0], fy = fulcrum[1], fz = fulcrum[2];
+    term[2 * row] = (float)((d[0] * fx + d[1] * fy) + d[2] * fz);
+    term[2 * row + 1] = (float)((d[3] * fx + d[4] * fy) + d[5] * fz);
 }
