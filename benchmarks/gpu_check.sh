@@ -130,7 +130,7 @@ timeout 240 $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu 
 
 # -- 4. GPU benchmark ----------------------------------------------------------------
 stamp "GPU benchmark"
-timeout 210 $PY benchmarks/bench_gpu.py --json "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/bench_gpu.txt" ||
+timeout 270 $PY benchmarks/bench_gpu.py --json "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/bench_gpu.txt" ||
     status=6
 
 # -- 5. the small full refinement, GPU against CPU (if time is left) ----------------
