@@ -24,11 +24,8 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y;
     if (p >= npix || i >= m) return;
-    float a[6];
-#pragma unroll
-    for (int r = 0; r < 6; ++r) a[r] = rot[9 * i + r];
-    float qx, qy, qz;
-    lr_slice_point(a, kx[p], ky[p], padding, &qx, &qy, &qz);
+    float qx, qy, qz;  // rows 0 and 1 of A (the row's first 6 entries): all the slice needs
+    lr_slice_point(rot + 9 * i, kx[p], ky[p], padding, &qx, &qy, &qz);
     LrCorners k;
     lr_corners(qx, qy, qz, c, false, &k);
     const size_t at = (size_t)i * img_stride + src[p];

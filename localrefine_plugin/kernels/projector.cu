@@ -19,10 +19,7 @@ extern "C" __global__ void project_slices(const float2* __restrict__ vol, int c,
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y;
     if (p >= npix || i >= m) return;
-    float a[6];  // rows 0 and 1 of A: all the slice needs
-#pragma unroll
-    for (int r = 0; r < 6; ++r) a[r] = rot[9 * i + r];
-    float qx, qy, qz;
-    lr_slice_point(a, kx[p], ky[p], padding, &qx, &qy, &qz);
+    float qx, qy, qz;  // rows 0 and 1 of A (the row's first 6 entries): all the slice needs
+    lr_slice_point(rot + 9 * i, kx[p], ky[p], padding, &qx, &qy, &qz);
     out[(size_t)i * out_stride + dest[p]] = lr_sample(vol, c, qx, qy, qz);
 }

@@ -47,11 +47,8 @@ extern "C" __global__ void projection_power(const float2* __restrict__ vol, int 
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y;
     if (p >= npix || i >= m) return;
-    float a[6];
-#pragma unroll
-    for (int r = 0; r < 6; ++r) a[r] = rot[9 * i + r];
-    float qx, qy, qz;
-    lr_slice_point(a, kx[p], ky[p], padding, &qx, &qy, &qz);
+    float qx, qy, qz;  // rows 0 and 1 of A (the row's first 6 entries): all the slice needs
+    lr_slice_point(rot + 9 * i, kx[p], ky[p], padding, &qx, &qy, &qz);
     const float2 v = lr_sample(vol, c, qx, qy, qz);
     const size_t o = (size_t)i * npix + p;
     power[o] = 2.0f * w1[o] * (v.x * v.x + v.y * v.y);
