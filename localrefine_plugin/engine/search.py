@@ -577,17 +577,19 @@ def _upper_and_high_band(
     """
     m, n = x.shape[0], x.shape[1]
     rows = np.arange(m)
-    rv_b = sc.rv_eval[rows, sc.jb][:, None]  # (m, 1, 3)
+    # the best pose's rotation, formed once here: the full score and the power
+    rot_b, term_b = rotations_about_fulcrum(
+        a_cons, sc.rv_eval[rows, sc.jb][:, None], cfg["fulcrum"]
+    )  # (m, 1, 3, 3), (m, 1, 2)
     no_prior = np.zeros((m, 1))
-    e_full = ops.score_local(
-        a_cons,
-        rv_b,
+    e_full = ops.score(
+        rot_b,
         o_cons[:, None, :] + sc.tv_eval[rows, sc.sb][:, None],
-        fulcrum_px=cfg["fulcrum"],
         r_max_px=cfg["r_max"],
+        rotation_shifts_px=term_b,
         counts=(np.ones(m, np.int64), np.ones(m, np.int64)),
     ).values(no_prior, no_prior)[:, 0, 0]
-    rot_b = rotations_about_fulcrum(a_cons, rv_b, cfg["fulcrum"])[0][:, 0]
+    rot_b = rot_b[:, 0]
     upper = e_full + sc.prior_r[rows, sc.jb] + sc.prior_s[rows, sc.sb]  # with priors
     if cell is None:
         disp2 = None

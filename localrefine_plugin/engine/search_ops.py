@@ -12,8 +12,8 @@ ops* object, made once per batch of particles:
     The same for the rotations ``A_cons R(v)`` about the fulcrum and their
     fulcrum term (:func:`.local_grid.rotations_about_fulcrum`): consensus
     matrices (m, 3, 3), rotation vectors (m, J, 3) in degrees, fulcrum (3,)
-    in pixels. What the search calls; the ops may form the rotations where
-    it scores them (the GPU's do, on the device).
+    in pixels. What the search scores its grids with; the ops may form the
+    rotations where they score them (the GPU's do, on the device).
 ``ops.power_sums(rotations, weights, *, r_max_px) -> (m, W)``
     Weighted sums over the pixels of the bound's power
     (:func:`.scoring.weighted_projection_power` of one rotation per particle):
