@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -50,6 +51,10 @@ SHIM = r"""
 #include <vector>
 struct float2 { float x, y; };
 static inline float2 make_float2(float a, float b) { float2 r; r.x = a; r.y = b; return r; }
+struct alignas(16) float4 { float x, y, z, w; };
+static inline float4 make_float4(float a, float b, float c, float d) {
+    float4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r;
+}
 struct emu_dim3 { unsigned x, y, z; };
 static emu_dim3 blockIdx, blockDim, gridDim;
 static thread_local emu_dim3 threadIdx;
@@ -249,6 +254,19 @@ class FakeModule:
         return FakeFunction(self.lib, name, self.kernels[name], self.launches)
 
 
+class _FakeEvent:
+    """``pycuda.driver.Event``: launches are synchronous here, so host time."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def time_since(self, earlier) -> float:
+        return (self.t - earlier.t) * 1e3  # milliseconds, as CUDA events
+
+
 def _memset_d8(ptr, value, nbytes):
     a = _MEMORY[ptr]
     assert a.nbytes == nbytes
@@ -278,7 +296,10 @@ def fake_pycuda(monkeypatch, emulator_dir):
     drv.init = lambda: None
     drv.Device = lambda i=0: dev
     drv.Device.count = lambda: 1
-    drv.Context = types.SimpleNamespace(pop=lambda: None, get_device=lambda: dev)
+    drv.Context = types.SimpleNamespace(
+        pop=lambda: None, get_device=lambda: dev, synchronize=lambda: None
+    )
+    drv.Event = _FakeEvent
     drv.mem_get_info = lambda: (2**24, 2**25)  # 16 MiB free: forces several batches
     drv.memset_d8 = _memset_d8
     ga = types.ModuleType("pycuda.gpuarray")
@@ -296,6 +317,7 @@ def fake_pycuda(monkeypatch, emulator_dir):
     from localrefine_plugin.kernels import cuda_projector, cuda_scoring
 
     monkeypatch.setattr(cuda_projector, "_volumes", {})
+    monkeypatch.setattr(cuda_projector, "_cells", {})
     monkeypatch.setattr(cuda_projector, "_pixels", {})
     monkeypatch.setattr(cuda_scoring, "_pixel_cache", {})
     return backend._state
@@ -317,7 +339,11 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_s64",
         "score_tiles_j64_s64",
         "backproject_f32",
+        "backproject_f32x4",
         "backproject_f64",
+        "build_cells",
+        "score_tiles_s64_cells",
+        "score_tiles_j64_s64_cells",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -388,7 +414,7 @@ def test_host_code_scores_like_the_engine(
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
 
 
-@pytest.mark.parametrize("accumulator", ["float32", "float64"])
+@pytest.mark.parametrize("accumulator", ["float32", "float32x4", "float64"])
 def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
 
@@ -490,9 +516,19 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     np.testing.assert_array_equal(threaded.top_scores, got.top_scores)
 
 
-@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
-def test_every_scoring_kernel_variant_scores_like_the_engine(fake_pycuda, rng, variant):
-    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
+@pytest.mark.parametrize(
+    ("variant", "r_max"),
+    [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
+     ("j64_s64_cells", 7.0), ("s64_cells", 10.0)],
+)  # fmt: skip
+def test_every_scoring_kernel_variant_scores_like_the_engine(
+    fake_pycuda, rng, variant, r_max
+):
+    """Every variant gives the engine's scores; the cells variants give exactly
+    their volume twin's (cells cropped to the radius at 7 px; at 10 px = N/2 the
+    cells cover the whole volume, rim samples and clipping included)."""
+    from localrefine_plugin.kernels.cuda_projector import cells_radius
+    from localrefine_plugin.kernels.cuda_scoring import VARIANTS, _check, _ScoreLaunch
 
     n, m, n_rot, n_shift = 20, 2, 70, 40  # crosses the 64-rotation tile too
     proj = FourierProjector(blob_map(n, seed=6))
@@ -505,13 +541,20 @@ def test_every_scoring_kernel_variant_scores_like_the_engine(fake_pycuda, rng, v
     shifts = rng.uniform(-3, 3, (m, n_shift, 2))
     rs = rng.uniform(-1, 1, (m, n_rot, 2))
     cpu = score_poses(
-        proj, x, ctf, inv_s2, rots, shifts, r_max_px=7.0, rotation_shifts_px=rs
+        proj, x, ctf, inv_s2, rots, shifts, r_max_px=r_max, rotation_shifts_px=rs
     )
-    args = _check(x, ctf, inv_s2, rots, shifts, 7.0, rs)
-    launch = _ScoreLaunch(proj, *args, 7.0, variant)
-    launch.phase_table()
-    got = launch.scores().get()
+    args = _check(x, ctf, inv_s2, rots, shifts, r_max, rs)
+
+    def scores(name):
+        launch = _ScoreLaunch(proj, *args, r_max, name)
+        launch.phase_table()
+        return launch.scores().get()
+
+    got = scores(variant)
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
+    if VARIANTS[variant][3]:
+        assert cells_radius(proj, r_max) == (16 if r_max == 7.0 else proj.c)
+        np.testing.assert_array_equal(got, scores(variant.removesuffix("_cells")))
 
 
 def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
@@ -615,6 +658,39 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
         np.testing.assert_allclose(
             got.values(zeros_r, zeros_s), want.values(zeros_r, zeros_s), rtol=1e-6
         )
+
+
+def test_bound_batch_reading_cells_scores_exactly_as_reading_the_volume(
+    fake_pycuda, rng, monkeypatch
+):
+    """`$LOCALREFINE_SCORE_SAMPLER=cells`: the bound batch's stages score with
+    the cells variant (one set of cells for the batch's largest radius) and get
+    the volume variant's scores bit for bit; an unknown sampler is refused."""
+    from localrefine_plugin.kernels import cuda_projector
+    from localrefine_plugin.kernels.cuda_scoring import SAMPLER_ENV, get_score_fn
+
+    n, m, n_rot, n_shift = 20, 2, 6, 40
+    proj = FourierProjector(blob_map(n, seed=9))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    x = forward_model(proj, a, ctf=ctf)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    shifts = rng.uniform(-3, 3, (m, n_shift, 2))
+    zeros_r, zeros_s = np.zeros((m, n_rot)), np.zeros((m, n_shift))
+    grids = {}
+    for sampler in ("volume", "cells"):
+        monkeypatch.setenv(SAMPLER_ENV, sampler)
+        ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
+        for radius in (4.5, 8.0):
+            grid = ops.score(rots, shifts, r_max_px=radius, rotation_shifts_px=None)
+            grids[sampler, radius] = grid.values(zeros_r, zeros_s)
+    for radius in (4.5, 8.0):
+        np.testing.assert_array_equal(grids["cells", radius], grids["volume", radius])
+    assert list(cuda_projector._cells) == [(id(proj), 18)]  # floor(2 * 8) + 2
+    monkeypatch.setenv(SAMPLER_ENV, "texture")
+    with pytest.raises(ValueError, match="LOCALREFINE_SCORE_SAMPLER must be"):
+        ops.score(rots, shifts, r_max_px=4.5, rotation_shifts_px=None)
 
 
 def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(

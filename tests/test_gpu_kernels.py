@@ -118,11 +118,21 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
     np.testing.assert_array_equal(best_gpu, best_cpu)
 
 
-@pytest.mark.parametrize("setting", ["score_fn", "score_and_power_priors_top3"])
-def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng, setting):
+@pytest.mark.parametrize(
+    "setting", ["score_fn", "score_and_power_priors_top3", "cells_priors_top3"]
+)
+def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
+    gpu, rng, setting, monkeypatch
+):
     """The GPU score_fn (bound batches: grids scored and reduced on the device)
-    alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses."""
+    alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses
+    (the scoring kernels reading the volume, or its cells)."""
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
+    from localrefine_plugin.kernels.cuda_scoring import SAMPLER_ENV
+
+    monkeypatch.setenv(
+        SAMPLER_ENV, "cells" if setting.startswith("cells") else "volume"
+    )
 
     n, m = 64, 24
     proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m, snr=0.5)
@@ -155,7 +165,7 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(gpu, rng, settin
     )
 
 
-@pytest.mark.parametrize("accumulator", ["float32", "float64"])
+@pytest.mark.parametrize("accumulator", ["float32", "float32x4", "float64"])
 @pytest.mark.parametrize("n", [64, 65])
 def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector, insert
@@ -241,9 +251,13 @@ def _stage_poses(rng, a_true, o_true, n_rot, n_shift):
     return rots, shifts, rs
 
 
-@pytest.mark.parametrize("variant", ["s32", "s64", "j64_s64"])
+@pytest.mark.parametrize(
+    "variant", ["s32", "s64", "j64_s64", "s64_cells", "j64_s64_cells"]
+)
 def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
-    from localrefine_plugin.kernels.cuda_scoring import _check, _ScoreLaunch
+    """Scores of every variant to 1e-4 of the CPU's; a cells variant equals its
+    volume twin to 1e-6 (the same corners and sums; bit for bit on the emulator)."""
+    from localrefine_plugin.kernels.cuda_scoring import VARIANTS, _check, _ScoreLaunch
 
     m, n_rot, n_shift = 4, 130, 70  # crosses the 64-wide tiles in both directions
     proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, 64, m)
@@ -251,12 +265,18 @@ def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
     cpu = score_poses(
         proj, x, ctf, inv_s2, rots, shifts, r_max_px=30, rotation_shifts_px=rs
     )
-    launch = _ScoreLaunch(
-        proj, *_check(x, ctf, inv_s2, rots, shifts, 30, rs), 30.0, variant
-    )
-    launch.phase_table()
-    got = launch.scores().get()
+    args = _check(x, ctf, inv_s2, rots, shifts, 30, rs)
+
+    def scores(name):
+        launch = _ScoreLaunch(proj, *args, 30.0, name)
+        launch.phase_table()
+        return launch.scores().get()
+
+    got = scores(variant)
     assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
+    if VARIANTS[variant][3]:
+        twin = scores(variant.removesuffix("_cells"))
+        assert np.abs(got - twin).max() <= 1e-6 * np.abs(twin).max()
 
 
 def test_grid_reductions_match_the_host(gpu, rng):

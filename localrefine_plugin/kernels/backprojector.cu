@@ -7,11 +7,40 @@
 //   data   += t_c * ctf_ip * w_i * F_ip   (conjugated where q was mirrored)
 //   weight += t_c * ctf_ip^2 * w_i
 // over the 8 trilinear corners c with weights t_c (engine BackProjector.insert).
-// The accumulators have the padded layout (2c+2, 2c+2, c+2) of the projector;
-// data is stored as interleaved (re, im).
+// The accumulators have the padded layout (2c+2, 2c+2, c+2) of the projector,
+// either as two arrays (data interleaved (re, im), weight; float32 or float64)
+// or as one float4 array (re, im, weight, unused) per voxel ("float32x4"):
+// one 16-byte vector atomic per corner on sm_90 (three scalar ones before),
+// all three sums of a corner in one 32-byte sector.
 #include "localrefine_common.h"
 
+// Accumulators of the two layouts: add(e, vr, vi, vw) adds to voxel e.
 template <typename T>
+struct LrSplitAcc {  // data (2 size,) interleaved (re, im), weight (size,)
+    T* data;
+    T* weight;
+    __device__ __forceinline__ void add(size_t e, float vr, float vi, float vw) const {
+        atomicAdd(&data[2 * e], (T)vr);
+        atomicAdd(&data[2 * e + 1], (T)vi);
+        atomicAdd(&weight[e], (T)vw);
+    }
+};
+
+struct LrFloat4Acc {  // (size,) float4 (re, im, weight, unused)
+    float4* acc;
+    __device__ __forceinline__ void add(size_t e, float vr, float vi, float vw) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(acc + e, make_float4(vr, vi, vw, 0.0f));  // one vector atomic
+#else
+        atomicAdd(&acc[e].x, vr);
+        atomicAdd(&acc[e].y, vi);
+        atomicAdd(&acc[e].z, vw);
+#endif
+    }
+};
+
+// One thread per (pixel p, image i): the pixel's three values into its 8 corners.
+template <typename Acc>
 __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
                                           const float* __restrict__ ctf,
                                           const float* __restrict__ img_w,
@@ -20,7 +49,7 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
                                           const float* __restrict__ ky,
                                           const int* __restrict__ src, int npix,
                                           int img_stride, int c, float padding,
-                                          T* __restrict__ data, T* __restrict__ weight) {
+                                          const Acc& acc) {
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y;
     if (p >= npix || i >= m) return;
@@ -35,17 +64,12 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
     const float vr = cf * wi * fv.x;
     const float vi = (k.conj ? -1.0f : 1.0f) * cf * wi * fv.y;
     const float vw = cf * cf * wi;
-    const float gx = 1.0f - k.fx, gy = 1.0f - k.fy, gz = 1.0f - k.fz;
-    const float t[8] = {gz * gy * gx, gz * gy * k.fx, gz * k.fy * gx, gz * k.fy * k.fx,
-                        k.fz * gy * gx, k.fz * gy * k.fx, k.fz * k.fy * gx, k.fz * k.fy * k.fx};
-    const int o[8] = {0, 1, k.sy, k.sy + 1, k.sz, k.sz + 1, k.sz + k.sy, k.sz + k.sy + 1};
+    float t[8];
+    int o[8];
+    lr_trilinear_weights(k, t);
+    lr_corner_offsets(k, o);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const size_t e = (size_t)k.base + o[j];
-        atomicAdd(&data[2 * e], (T)(t[j] * vr));
-        atomicAdd(&data[2 * e + 1], (T)(t[j] * vi));
-        atomicAdd(&weight[e], (T)(t[j] * vw));
-    }
+    for (int j = 0; j < 8; ++j) acc.add((size_t)k.base + o[j], t[j] * vr, t[j] * vi, t[j] * vw);
 }
 
 // grid: (ceil(npix / blockDim.x), m); one thread per (pixel, image).
@@ -62,8 +86,8 @@ extern "C" __global__ void backproject_f32(const float2* __restrict__ f,
                                            int img_stride, int c, float padding,
                                            float* __restrict__ data, float* __restrict__ weight) {
     if (blockIdx.y >= (unsigned)m) return;
-    lr_insert<float>(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding, data,
-                     weight);
+    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+              LrSplitAcc<float>{data, weight});
 }
 
 extern "C" __global__ void backproject_f64(const float2* __restrict__ f,
@@ -76,6 +100,22 @@ extern "C" __global__ void backproject_f64(const float2* __restrict__ f,
                                            int img_stride, int c, float padding,
                                            double* __restrict__ data, double* __restrict__ weight) {
     if (blockIdx.y >= (unsigned)m) return;
-    lr_insert<double>(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding, data,
-                      weight);
+    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+              LrSplitAcc<double>{data, weight});
+}
+
+// As backproject_f32 into one float4 accumulator per voxel: acc (size,) of
+// (re, im, weight, unused).
+extern "C" __global__ void backproject_f32x4(const float2* __restrict__ f,
+                                             const float* __restrict__ ctf,
+                                             const float* __restrict__ img_w,
+                                             const float* __restrict__ rot, int m,
+                                             const float* __restrict__ kx,
+                                             const float* __restrict__ ky,
+                                             const int* __restrict__ src, int npix,
+                                             int img_stride, int c, float padding,
+                                             float4* __restrict__ acc) {
+    if (blockIdx.y >= (unsigned)m) return;
+    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+              LrFloat4Acc{acc});
 }

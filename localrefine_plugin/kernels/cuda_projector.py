@@ -23,12 +23,20 @@ import numpy as np
 from ..engine.projector import FourierProjector, _pixels_within
 from .backend import batch_size_for, load_kernels, select_device, to_device, zeros
 
-__all__ = ["CudaProjector", "project", "device_volume", "device_pixels"]
+__all__ = [
+    "CudaProjector",
+    "project",
+    "device_volume",
+    "device_cells",
+    "cells_radius",
+    "device_pixels",
+]
 
 log = logging.getLogger(__name__)
 
 _THREADS = 128
 _volumes: dict[int, object] = {}
+_cells: dict[tuple[int, int], object] = {}
 _pixels: dict[tuple[int, float], tuple] = {}
 
 
@@ -47,6 +55,47 @@ def device_volume(projector: FourierProjector):
         _volumes[key] = vol
         weakref.finalize(projector, _volumes.pop, key, None)
     return vol
+
+
+def cells_radius(projector: FourierProjector, r_max_px: float) -> int:
+    """Radius (padded voxels) of the cells that serve samples within ``r_max_px``.
+
+    ``floor(padding * r_max_px) + 2``, at most the volume's ``c``: every
+    sample of a pixel with ``|k| <= r_max_px`` (cycles per box) then lies at
+    ``|q| <= rc - 1`` (padded voxels), where ``lr_sample_cells`` equals
+    ``lr_sample`` (``localrefine_common.h``).
+    """
+    return int(min(projector.c, np.floor(projector.padding * float(r_max_px)) + 2))
+
+
+def device_cells(projector: FourierProjector, rc: int):
+    """The projector's volume as 2x2x2 cells of radius ``rc`` on the GPU (cached).
+
+    Kernel ``build_cells`` (``projector.cu``) gathers, for every voxel of the
+    padded layout of radius ``rc`` (shape (2rc+2, 2rc+2, rc+2)), its 8
+    trilinear corners into 64 contiguous bytes (float32 (..., 16)): a sample
+    then reads 2 aligned sectors (``lr_sample_cells``). Eight times the bytes
+    of the volume's part within ``rc``; cached while ``projector`` lives, per
+    ``rc`` (:func:`cells_radius`).
+    """
+    from pycuda import gpuarray
+
+    rc = int(rc)
+    if not 1 <= rc <= projector.c:
+        raise ValueError(f"cells radius must be in [1, {projector.c}]; got {rc}")
+    key = (id(projector), rc)
+    cells = _cells.get(key)
+    if cells is None:
+        vol = device_volume(projector)
+        n_cells = (2 * rc + 2) ** 2 * (rc + 2)
+        cells = gpuarray.empty((n_cells, 16), dtype=np.float32)
+        load_kernels("projector.cu").get_function("build_cells")(
+            vol, np.int32(projector.c), np.int32(rc), cells,
+            block=(_THREADS, 1, 1), grid=(-(-n_cells // _THREADS), 1),
+        )  # fmt: skip
+        _cells[key] = cells
+        weakref.finalize(projector, _cells.pop, key, None)
+    return cells
 
 
 def device_pixels(n: int, r_max_px: float) -> tuple:

@@ -22,6 +22,7 @@ Entry points with one signature: ``_score_host`` (NumPy engine),
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.scoring import score_poses as _engine_score_poses
 from ..engine.scoring import weighted_projection_power as _engine_power
 from .backend import batch_size_for, load_kernels, select_device, to_device
-from .cuda_projector import device_volume
+from .cuda_projector import cells_radius, device_cells, device_volume
 
 __all__ = [
     "weighted_projection_power",
@@ -43,13 +44,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TILE = 32  # rotations and pixels per tile of the default kernels (LR_TJ, LR_TP)
-#: scoring kernel variants: name -> (kernel, rotations per tile, shifts per tile);
-#: the host uses "s32" for S <= 32, else "s64" (variant_for)
+#: scoring kernel variants: name -> (kernel, rotations per tile, shifts per tile,
+#: reads cells); the host uses "s32" for S <= 32, else "s64" (variant_for)
 VARIANTS = {
-    "s32": ("score_tiles", 32, 32),
-    "s64": ("score_tiles_s64", 32, 64),
-    "j64_s64": ("score_tiles_j64_s64", 64, 64),
+    "s32": ("score_tiles", 32, 32, False),
+    "s64": ("score_tiles_s64", 32, 64, False),
+    "j64_s64": ("score_tiles_j64_s64", 64, 64, False),
+    "s64_cells": ("score_tiles_s64_cells", 32, 64, True),
+    "j64_s64_cells": ("score_tiles_j64_s64_cells", 64, 64, True),
 }
+#: environment variable choosing where the scoring kernels read the slices:
+#: "volume" (default: the padded volume, 8 scattered corners per sample) or
+#: "cells" (``cuda_projector.device_cells``: 2 aligned sectors per sample, 8x
+#: the memory within the search radius); benchmarks/bench_gpu.py measures both
+SAMPLER_ENV = "LOCALREFINE_SCORE_SAMPLER"
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -237,7 +245,16 @@ def _score_cuda(
 
 
 def variant_for(n_shift: int) -> str:
-    """The scoring kernel variant of ``VARIANTS`` the host uses for S shifts."""
+    """The scoring kernel variant of ``VARIANTS`` the host uses for S shifts.
+
+    ``s32`` for S <= 32, else ``s64``; with ``$LOCALREFINE_SCORE_SAMPLER=cells``
+    ``s64_cells`` for every S (no 32-shift tile reads cells).
+    """
+    sampler = os.environ.get(SAMPLER_ENV, "volume")
+    if sampler == "cells":
+        return "s64_cells"
+    if sampler != "volume":
+        raise ValueError(f"${SAMPLER_ENV} must be 'volume' or 'cells'; got {sampler!r}")
     return "s64" if n_shift > 32 else "s32"
 
 
@@ -258,15 +275,22 @@ def launch_phase_table(y_g, sh_g, kx_g, ky_g, *, b, n_shift, npix, n, z_g) -> No
 
 def launch_score_tiles(
     variant, projector, vol, rot_g, rs_g, kx_g, ky_g, w1_g, z_g, out_g,
-    *, b, n_rot, n_shift, npix, n,
+    *, b, n_rot, n_shift, npix, n, r_max_px,
 ) -> None:  # fmt: skip
     """Kernel ``VARIANTS[variant]``: the scores (b, J, S) into ``out_g``.
 
-    ``rs_g``: the per-rotation origins (b, J, 2), or None.
+    ``rs_g``: the per-rotation origins (b, J, 2), or None. ``r_max_px``: the
+    largest pixel radius of ``kx_g, ky_g`` (cycles per box; the cells variants
+    read cells covering it, :func:`.cuda_projector.cells_radius`).
     """
-    kernel, rot_tile, shift_tile = VARIANTS[variant]
+    kernel, rot_tile, shift_tile, cells = VARIANTS[variant]
+    if cells:
+        rc = cells_radius(projector, r_max_px)
+        head = (device_cells(projector, rc), np.int32(projector.c), np.int32(rc))
+    else:
+        head = (vol, np.int32(projector.c))
     load_kernels("scoring.cu").get_function(kernel)(
-        vol, np.int32(projector.c), np.float32(projector.padding),
+        *head, np.float32(projector.padding),
         rot_g, np.intp(0) if rs_g is None else rs_g, np.int32(n),
         np.float32(ORIGIN_PHASE_SIGN), np.int32(b), np.int32(n_rot),
         kx_g, ky_g, w1_g, z_g, np.int32(n_shift), np.int32(npix), out_g,
@@ -300,6 +324,7 @@ class _ScoreLaunch:
         self.n_rot, self.n_shift = rotations.shape[1], shifts_px.shape[1]
         self.variant = variant_for(self.n_shift) if variant is None else variant
         self.projector = projector
+        self.r_max_px = float(r_max_px)
         self.vol = device_volume(projector)
         flat, mult, shell, self.kx_g, self.ky_g, _ = _pixels(n, r_max_px)
         self.npix = flat.size
@@ -324,7 +349,7 @@ class _ScoreLaunch:
         launch_score_tiles(
             self.variant, self.projector, self.vol, self.rot_g, self.rs_g, self.kx_g,
             self.ky_g, self.w1_g, self.z_g, self.out_g, b=self.b, n_rot=self.n_rot,
-            n_shift=self.n_shift, npix=self.npix, n=self.n,
+            n_shift=self.n_shift, npix=self.npix, n=self.n, r_max_px=self.r_max_px,
         )  # fmt: skip
         return self.out_g
 

@@ -295,6 +295,7 @@ class CudaBatchOps:
                 variant_for(n_shift), self.projector, self.vol, rot_g, rs_g,
                 self.kx_g, self.ky_g, w1_g, z_g, e_g,
                 b=b, n_rot=n_rot, n_shift=n_shift, npix=npix, n=self.n,
+                r_max_px=self.r_max,  # one set of cells serves every stage
             )  # fmt: skip
             chunks.append((start, stop, e_g))
         return CudaGrid(chunks, m, n_rot, n_shift)

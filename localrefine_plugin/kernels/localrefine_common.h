@@ -44,11 +44,12 @@ LR_HD void lr_slice_point(const float* a, float kx, float ky, float padding,
     *qz = padding * (kx * a[2] + ky * a[5]);
 }
 
-// Corners of q in the padded layout of radius c. With reject_outside, false
-// if |q| > c (sampling reads zero there, as FourierProjector.sample); without,
+// Corners of q in the padded layout of radius rl (rl = c for the volume
+// itself; see lr_sample_cells for rl < c). With reject_outside, false if
+// |q| > c (sampling reads zero there, as FourierProjector.sample); without,
 // corners are clipped into the array (as BackProjector.insert).
-LR_HD bool lr_corners(float qx, float qy, float qz, int c, bool reject_outside,
-                      LrCorners* out) {
+LR_HD bool lr_corners_in(float qx, float qy, float qz, int c, int rl, bool reject_outside,
+                         LrCorners* out) {
     if (reject_outside && qx * qx + qy * qy + qz * qz > (float)c * (float)c) return false;
     out->conj = qx < 0.0f;
     if (out->conj) { qx = -qx; qy = -qy; qz = -qz; }
@@ -56,14 +57,45 @@ LR_HD bool lr_corners(float qx, float qy, float qz, int c, bool reject_outside,
     out->fx = qx - flx;
     out->fy = qy - fly;
     out->fz = qz - flz;
-    const int nx = c + 2, ny = 2 * c + 2, nz = 2 * c + 2;
+    const int nx = rl + 2, ny = 2 * rl + 2, nz = 2 * rl + 2;
     const int ix = lr_clampi((int)flx, 0, nx - 2);
-    const int iy = lr_clampi((int)fly + c, 0, ny - 2);
-    const int iz = lr_clampi((int)flz + c, 0, nz - 2);
+    const int iy = lr_clampi((int)fly + rl, 0, ny - 2);
+    const int iz = lr_clampi((int)flz + rl, 0, nz - 2);
     out->sy = nx;
     out->sz = nx * ny;
     out->base = iz * out->sz + iy * out->sy + ix;
     return true;
+}
+
+// Corners of q in the padded layout of radius c (the volume's own).
+LR_HD bool lr_corners(float qx, float qy, float qz, int c, bool reject_outside,
+                      LrCorners* out) {
+    return lr_corners_in(qx, qy, qz, c, c, reject_outside, out);
+}
+
+// Trilinear weights of the 8 corners, in the order of lr_corner_offsets.
+LR_HD void lr_trilinear_weights(const LrCorners& k, float* t) {
+    const float gx = 1.0f - k.fx, gy = 1.0f - k.fy, gz = 1.0f - k.fz;
+    t[0] = gz * gy * gx;
+    t[1] = gz * gy * k.fx;
+    t[2] = gz * k.fy * gx;
+    t[3] = gz * k.fy * k.fx;
+    t[4] = k.fz * gy * gx;
+    t[5] = k.fz * gy * k.fx;
+    t[6] = k.fz * k.fy * gx;
+    t[7] = k.fz * k.fy * k.fx;
+}
+
+// Flat offsets of the 8 corners from k.base: (x, y, z) in {0, 1}^3, x fastest.
+LR_HD void lr_corner_offsets(const LrCorners& k, int* o) {
+    o[0] = 0;
+    o[1] = 1;
+    o[2] = k.sy;
+    o[3] = k.sy + 1;
+    o[4] = k.sz;
+    o[5] = k.sz + 1;
+    o[6] = k.sz + k.sy;
+    o[7] = k.sz + k.sy + 1;
 }
 
 // Trilinear value of the padded volume at q (conjugated when mirrored).
@@ -71,16 +103,42 @@ LR_HD float2 lr_sample(const float2* __restrict__ vol, int c, float qx, float qy
     LrCorners k;
     float2 v = make_float2(0.0f, 0.0f);
     if (!lr_corners(qx, qy, qz, c, true, &k)) return v;
-    const float gx = 1.0f - k.fx, gy = 1.0f - k.fy, gz = 1.0f - k.fz;
-    const int b = k.base, sy = k.sy, sz = k.sz;
-    const float w[8] = {gz * gy * gx, gz * gy * k.fx, gz * k.fy * gx, gz * k.fy * k.fx,
-                        k.fz * gy * gx, k.fz * gy * k.fx, k.fz * k.fy * gx, k.fz * k.fy * k.fx};
-    const int o[8] = {0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1};
+    float w[8];
+    int o[8];
+    lr_trilinear_weights(k, w);
+    lr_corner_offsets(k, o);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        const float2 d = vol[b + o[j]];
+        const float2 d = vol[k.base + o[j]];
         v.x += w[j] * d.x;
         v.y += w[j] * d.y;
+    }
+    if (k.conj) v.y = -v.y;
+    return v;
+}
+
+// The same value read from "cells": cell b of the padded layout of radius rc
+// (<= c) holds, as 4 float4 (64 bytes), the 8 corners vol[b + o_j] of
+// lr_corner_offsets in that order (kernel build_cells, projector.cu). One
+// sample reads 2 aligned 32-byte sectors instead of the 8 scattered corners
+// (about 4-5 sectors with padding 2). Equal to lr_sample for |q| <= rc - 1,
+// which the host guarantees (rc >= padding * r_max + 2; cuda_projector.py);
+// beyond that the corners are clipped into the cells (no out-of-bounds read).
+LR_HD float2 lr_sample_cells(const float4* __restrict__ cells, int c, int rc, float qx,
+                             float qy, float qz) {
+    LrCorners k;
+    float2 v = make_float2(0.0f, 0.0f);
+    if (!lr_corners_in(qx, qy, qz, c, rc, true, &k)) return v;
+    float w[8];
+    lr_trilinear_weights(k, w);
+    const float4* cell = cells + 4 * (size_t)k.base;
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        const float4 d = cell[h];
+        v.x += w[2 * h] * d.x;
+        v.y += w[2 * h] * d.y;
+        v.x += w[2 * h + 1] * d.z;
+        v.y += w[2 * h + 1] * d.w;
     }
     if (k.conj) v.y = -v.y;
     return v;

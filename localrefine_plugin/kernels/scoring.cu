@@ -50,8 +50,11 @@ extern "C" __global__ void phase_table(const float2* __restrict__ y,
 // rot: (m, J, 9) row-major A; rshift: (m, J, 2) pixels or NULL; n: box size;
 // sign: of the origin phases (see top);
 // w1: (m, npix); z: (m, S, npix); out: (m, J, S).
-template <int TJ, int TS>
-__device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, int c,
+// CELLS: the slices are read from the cells of radius rc (lr_sample_cells,
+// kernel build_cells) instead of the volume (vol; rc unused).
+template <int TJ, int TS, bool CELLS>
+__device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
+                                               const float4* __restrict__ cells, int c, int rc,
                                                float padding, const float* __restrict__ rot,
                                                const float* __restrict__ rshift, int n,
                                                float sign, int m, int J,
@@ -111,7 +114,8 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol, i
             if (pin && j0 + jj < J) {
                 float qx, qy, qz;
                 lr_slice_point(rot_s[jj], kxp, kyp, padding, &qx, &qy, &qz);
-                v = lr_sample(vol, c, qx, qy, qz);
+                v = CELLS ? lr_sample_cells(cells, c, rc, qx, qy, qz)
+                          : lr_sample(vol, c, qx, qy, qz);
                 if (rshift) {  // launch-uniform branch
                     float sn, cs;
                     sincospif(sign * 2.0f * (kxp * rot_s[jj][6] + kyp * rot_s[jj][7]) / (float)n,
@@ -173,7 +177,7 @@ score_tiles(const float2* __restrict__ vol, int c, float padding,
             const float* __restrict__ ky, const float* __restrict__ w1,
             const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
     if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<32, 32>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+    lr_score_tiles<32, 32, false>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
 }
 
 // Tiles of 64 shifts: each slice value serves twice as many shifts (S > 32).
@@ -184,7 +188,7 @@ score_tiles_s64(const float2* __restrict__ vol, int c, float padding,
                 const float* __restrict__ ky, const float* __restrict__ w1,
                 const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
     if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<32, 64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
+    lr_score_tiles<32, 64, false>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix, out);
 }
 
 // Tiles of 64 rotations x 64 shifts (4 x 4 outputs per thread): each Z value
@@ -196,6 +200,32 @@ score_tiles_j64_s64(const float2* __restrict__ vol, int c, float padding,
                     const float* __restrict__ ky, const float* __restrict__ w1,
                     const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
     if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<64, 64>(vol, c, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix,
+    lr_score_tiles<64, 64, false>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m, J, kx, ky, w1, z, S, npix,
                            out);
+}
+
+// The s64 and j64_s64 tiles reading the slices from the cells of radius rc
+// (lr_sample_cells): same scores, 2 aligned sectors per sample instead of the
+// 8 scattered corners. cells: from build_cells (projector.cu).
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64_cells(const float4* __restrict__ cells, int c, int rc, float padding,
+                      const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                      float sign, int m, int J, const float* __restrict__ kx,
+                      const float* __restrict__ ky, const float* __restrict__ w1,
+                      const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J, kx,
+                                 ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 1)
+score_tiles_j64_s64_cells(const float4* __restrict__ cells, int c, int rc, float padding,
+                          const float* __restrict__ rot, const float* __restrict__ rshift,
+                          int n, float sign, int m, int J, const float* __restrict__ kx,
+                          const float* __restrict__ ky, const float* __restrict__ w1,
+                          const float2* __restrict__ z, int S, int npix,
+                          float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J,
+                                 kx, ky, w1, z, S, npix, out);
 }
