@@ -12,8 +12,12 @@ At each box (default 128 and 256) it measures, on the same synthetic data:
 * a whole local search (``engine.search.local_search`` with the defaults:
   10 deg, 3 px, 0.5 deg, radius 0.4 N) with the GPU ``score_fn`` and with the
   CPU one: particles per second per iteration (the search part of an iteration);
-* slice extraction (images/s) and back-projection (images/s, float32 and
-  float64 atomic accumulators, against the CPU ``BackProjector.insert``).
+* slice extraction (images/s) and back-projection (images/s, float32,
+  float32x4 and float64 atomic accumulators, against the CPU
+  ``BackProjector.insert``; and how much of it the uploads take).
+
+Scoring kernels and searches are measured reading the slices from the padded
+volume and from its 2x2x2 cells (``$LOCALREFINE_SCORE_SAMPLER``, docs/gpu.md).
 
 The CPU path runs with 2 BLAS/OpenMP threads (the 2-core development
 machine's configuration; ``--cpu-threads``) and on fewer particles than the
@@ -75,6 +79,24 @@ PEAKS = [("H100 PCIe", 51.2, 2.0), ("H100", 66.9, 3.35), ("H200", 66.9, 4.8),
          ("A100", 19.5, 2.04)]  # fmt: skip
 
 J_STAGE, S_STAGE = 512, 64
+#: particle counts of --quick (a dry run): scoring GPU / CPU, search GPU / CPU
+#: (batches of at most search_batch), projection GPU / CPU, K processes
+QUICK = dict(
+    score_gpu=16, score_cpu=1, search_gpu=16, search_cpu=1, search_batch=128,
+    project_gpu=64, project_cpu=8, processes=(2,),
+)  # fmt: skip
+
+
+def counts(n: int, quick: bool) -> dict:
+    """Particle counts of the measurements at box ``n`` (``QUICK`` for a dry run)."""
+    if quick:
+        return QUICK
+    small = n <= 128
+    return dict(
+        score_gpu=256 if small else 96, score_cpu=2 if small else 1,
+        search_gpu=512 if small else 256, search_cpu=8 if small else 4,
+        search_batch=128, project_gpu=512, project_cpu=32, processes=(2, 4, 8),
+    )  # fmt: skip
 
 
 def blob_volume(
@@ -119,6 +141,15 @@ def stage_candidates(a, o, rng):
     rots = np.einsum("mij,mnjk->mnik", a, delta)
     shifts = o[:, None, :] + rng.uniform(-3, 3, (m, S_STAGE, 2))
     return rots, shifts
+
+
+def same_poses(rot_a, org_a, rot_b, org_b) -> str:
+    """ "K of M": particles whose poses agree (rotation within 1e-3 deg, origin
+    within 1e-3 px)."""
+    same = (geodesic_angle_deg(rot_a, rot_b) < 1e-3) & np.all(
+        np.abs(org_a - org_b) < 1e-3, axis=1
+    )
+    return f"{int(same.sum())} of {same.size}"
 
 
 def timed(fn, repeat: int = 1):
@@ -246,9 +277,16 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     import pycuda.driver as cuda
 
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
+    from localrefine_plugin.kernels.backend import to_device
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
-    from localrefine_plugin.kernels.cuda_projector import _project_cuda, device_volume
+    from localrefine_plugin.kernels.cuda_projector import (
+        _project_cuda,
+        cells_radius,
+        device_cells,
+        device_volume,
+    )
     from localrefine_plugin.kernels.cuda_scoring import (
+        SAMPLER_ENV,
         VARIANTS,
         _power_cuda,
         _score_cuda,
@@ -265,8 +303,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"box {n}: projector ready in {time.perf_counter() - t0:.1f} s (r_max {r_max} px)"
     )
     res: dict = {"box": n, "r_max_px": r_max, "J": J_STAGE, "S": S_STAGE}
-    m_gpu = (16 if quick else 256) if n <= 128 else (8 if quick else 96)
-    m_cpu = 1 if quick or n > 128 else 2
+    count = counts(n, quick)
+    m_gpu, m_cpu = count["score_gpu"], count["score_cpu"]
     x, ctf, inv_s2, a, o = particles(proj, m_gpu, rng)
     rots, shifts = stage_candidates(a, o, rng)
     npix = half_plane_pixels(n, float(r_max))[0].size
@@ -304,6 +342,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         launch = _ScoreLaunch(
             proj, x, ctf, inv_s2, rots, shifts, None, float(r_max), variant
         )
+        launch.scores()  # warm: compiles, and builds the cells of a cells variant
         times = []
         for _ in range(5):
             start.record()
@@ -320,7 +359,12 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     times = [tile_times[best]]
     t_k = float(np.median(times))
     flops = flop_count(m_gpu, J_STAGE, S_STAGE, npix)
-    nbytes = byte_count(m_gpu, J_STAGE, S_STAGE, npix, device_volume(proj).nbytes)
+    source = (  # what the fastest variant reads the slices from
+        device_cells(proj, cells_radius(proj, r_max))
+        if VARIANTS[best][3]
+        else device_volume(proj)
+    )
+    nbytes = byte_count(m_gpu, J_STAGE, S_STAGE, npix, source.nbytes)
     nbytes += m_gpu * (
         8.0 * npix + 8.0 * S_STAGE * npix
     )  # phase_table: read Y, write Z
@@ -356,8 +400,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # called stage by stage through the plain score_fn/power_fn interface
     # (weights folded and scores downloaded at every call), as before the
     # bound batches; the CPU path: engine score_poses.
-    m_s_gpu = (16 if quick else 512) if n <= 128 else (8 if quick else 256)
-    m_s_cpu = 1 if quick else (8 if n <= 128 else 4)
+    m_s_gpu, m_s_cpu, batch = (
+        count["search_gpu"],
+        count["search_cpu"],
+        count["search_batch"],
+    )
     xs, cs, ss, a_s, o_s = particles(proj, m_s_gpu, rng)
     a_cons = np.einsum(
         "mij,mjk->mik", a_s, axis_angle_to_matrix(rng.normal(size=(m_s_gpu, 3)), 3.0)
@@ -369,7 +416,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     power_fn = get_power_fn()
     configs = {
         "bound": dict(score_fn=score_fn, power_fn=power_fn, batch_size=m_s_gpu),
-        "bound_batch128": dict(score_fn=score_fn, power_fn=power_fn, batch_size=128),
+        "bound_batch128": dict(score_fn=score_fn, power_fn=power_fn, batch_size=batch),
+        # the same, the scoring kernels reading the cells ($LOCALREFINE_SCORE_SAMPLER)
+        "bound_batch128_cells": dict(
+            score_fn=score_fn, power_fn=power_fn, batch_size=batch, sampler="cells"
+        ),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -379,13 +430,20 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     found = {}
     warm = {k: (v[:4] if k.startswith("consensus") else v) for k, v in kw.items()}
     for key, cfg in configs.items():
+        cfg = dict(cfg)
+        os.environ[SAMPLER_ENV] = cfg.pop("sampler", "volume")
         local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
 
         def gpu_search(cfg=cfg, key=key):
             found[key] = local_search(proj, xs, cs, ss, **kw, **cfg)
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
+    os.environ[SAMPLER_ENV] = "volume"
     res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
+    cells, volume = found["bound_batch128_cells"], found["bound_batch128"]
+    res["cells_same_pose"] = same_poses(
+        cells.rotations, cells.origins_px, volume.rotations, volume.origins_px
+    )
     profile = cProfile.Profile()
     profile.enable()
     local_search(proj, xs, cs, ss, **kw, **configs["bound"])
@@ -409,15 +467,10 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     res["poses_per_particle"] = float(np.mean(found["cpu"].n_evaluated))
     res["gpu_poses_per_particle"] = float(np.mean(found["bound"].n_evaluated))
     res["gpu_particles_search"], res["cpu_particles_search"] = m_s_gpu, m_s_cpu
-    same = np.isclose(
-        geodesic_angle_deg(found["bound"].rotations[:m_s_cpu], found["cpu"].rotations),
-        0.0,
-        atol=1e-3,
-    ) & np.all(
-        np.abs(found["bound"].origins_px[:m_s_cpu] - found["cpu"].origins_px) < 1e-3,
-        axis=1,
-    )
-    res["same_pose_as_cpu"] = f"{int(same.sum())} of {m_s_cpu}"
+    res["same_pose_as_cpu"] = same_poses(
+        found["bound"].rotations[:m_s_cpu], found["bound"].origins_px[:m_s_cpu],
+        found["cpu"].rotations, found["cpu"].origins_px,
+    )  # fmt: skip
     cpu_rate = res["cpu_particles_per_s"]
     log(
         f"  local search: GPU {res['gpu_particles_per_s']:.4g} particles/s "
@@ -426,7 +479,10 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"batches of 128: {res['gpu_particles_per_s_bound_batch128']:.4g} "
         f"({res['gpu_particles_per_s_bound_batch128'] / cpu_rate:.0f}x); per-call "
         f"scoring (no bound batch): {res['gpu_particles_per_s_per_call']:.4g} "
-        f"({res['gpu_particles_per_s_per_call'] / cpu_rate:.0f}x); "
+        f"({res['gpu_particles_per_s_per_call'] / cpu_rate:.0f}x); batches of 128 "
+        f"reading cells: {res['gpu_particles_per_s_bound_batch128_cells']:.4g} "
+        f"({res['gpu_particles_per_s_bound_batch128_cells'] / cpu_rate:.0f}x, same "
+        f"pose as reading the volume for {res['cells_same_pose']}); "
         f"{res['poses_per_particle']:.0f} poses/particle (GPU "
         f"{res['gpu_poses_per_particle']:.0f}); same best pose as the CPU for "
         f"{res['same_pose_as_cpu']} particles"
@@ -438,42 +494,60 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     data = (xs, cs, ss, a_cons, o_s + 0.7)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
     ref = found["bound_batch128"]
-    for k in (2,) if quick else (2, 4, 8):
+    sampler = (
+        "cells"
+        if res["gpu_particles_per_s_bound_batch128_cells"]
+        > res["gpu_particles_per_s_bound_batch128"]
+        else "volume"
+    )
+    res["processes_sampler"] = sampler
+    os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit it
+    for k in count["processes"]:
         rate, rot_k, org_k = search_in_processes(
-            k, "cuda", n, r_max, data, kw_p, batch_size=128
+            k, "cuda", n, r_max, data, kw_p, batch_size=batch
         )
         res[f"gpu_particles_per_s_processes{k}"] = rate
-        same = (geodesic_angle_deg(rot_k, ref.rotations) < 1e-3) & np.all(
-            np.abs(org_k - ref.origins_px) < 1e-3, axis=1
+        res[f"processes{k}_same_pose"] = same_poses(
+            rot_k, org_k, ref.rotations, ref.origins_px
         )
-        res[f"processes{k}_same_pose"] = f"{int(same.sum())} of {m_s_gpu}"
         log(
-            f"  local search, {k} processes sharing the GPU (batches of 128): "
+            f"  local search, {k} processes sharing the GPU (batches of 128, "
+            f"reading the {sampler}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )
+    os.environ[SAMPLER_ENV] = "volume"
 
     # -- projection and back-projection -------------------------------------------------
-    m_p = 64 if quick else 512
+    m_p = count["project_gpu"]
     ap = euler_to_matrix(*rng.uniform(-180, 180, (3, m_p)))
     _project_cuda(proj, ap[:4])
     t_pg = timed(lambda: _project_cuda(proj, ap), repeat=2)
-    m_pc = 8 if quick else 32
+    m_pc = count["project_cpu"]
     t_pc = timed(lambda: proj.project(ap[:m_pc]))
     res["gpu_projections_per_s"] = m_p / t_pg
     res["cpu_projections_per_s"] = m_pc / t_pc
     f_img = _project_cuda(proj, ap)
     ctf_p = ctf_2d(CtfParams(15000.0, 15000.0, 0.0), n, 1.5)
-    for acc in ("float32", "float64"):
+    for acc in ("float32", "float32x4", "float64"):
         bp = CudaBackProjector(n, accumulator=acc)
         bp.insert(f_img[:4], ap[:4], ctf=ctf_p)
         bp.flush()
 
         def run(bp=bp):
             bp.insert(f_img, ap, ctf=ctf_p)
-            bp._dev[1].get()  # synchronise on the weights
+            bp.synchronize()
 
         res[f"gpu_insert_{acc}_per_s"] = m_p / timed(run, repeat=2)
+    # the uploads alone (images, and the CTF once per image as insert sends it)
+    ctf_m = np.broadcast_to(np.asarray(ctf_p, dtype=np.float32), (m_p,) + ctf_p.shape)
+
+    def uploads():
+        to_device(f_img, np.complex64)
+        to_device(ctf_m, np.float32)
+        cuda.Context.synchronize()
+
+    res["gpu_insert_upload_s"] = timed(uploads, repeat=2)
     cpu_bp = BackProjector(n)
     res["cpu_insert_per_s"] = m_pc / timed(
         lambda: cpu_bp.insert(f_img[:m_pc], ap[:m_pc], ctf=ctf_p)
@@ -481,43 +555,18 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     log(
         f"  projection: GPU {res['gpu_projections_per_s']:.3g} images/s, CPU "
         f"{res['cpu_projections_per_s']:.3g}; insertion: GPU float32 "
-        f"{res['gpu_insert_float32_per_s']:.3g}, float64 {res['gpu_insert_float64_per_s']:.3g}, "
-        f"CPU {res['cpu_insert_per_s']:.3g} images/s"
+        f"{res['gpu_insert_float32_per_s']:.3g}, float32x4 "
+        f"{res['gpu_insert_float32x4_per_s']:.3g}, float64 "
+        f"{res['gpu_insert_float64_per_s']:.3g}, CPU {res['cpu_insert_per_s']:.3g} "
+        f"images/s (of the GPU's {m_p / res['gpu_insert_float32_per_s']:.3f} s for "
+        f"{m_p} images, uploading images and CTFs takes {res['gpu_insert_upload_s']:.3f} s)"
     )
     return res
 
 
-def main() -> int:
-    from localrefine_plugin.kernels.backend import (
-        cuda_available,
-        device_name,
-        ensure_context,
-    )
-
-    ok, reason = cuda_available()
-    if not ok:
-        print(f"bench_gpu: no GPU: {reason}", file=sys.stderr)
-        return 2
-    ensure_context()
-    name = device_name()
-    peaks = None
-    if ARGS.peak_tflops and ARGS.peak_tbps:
-        peaks = (ARGS.peak_tflops, ARGS.peak_tbps)
-    else:
-        for key, tf, tb in PEAKS:
-            if key in name:
-                peaks = (tf, tb)
-                break
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
-    log(f"GPU: {name}; peaks used: {peaks} (FP32 TFLOP/s, TB/s); CPU path: "
-        f"{ARGS.cpu_threads} threads; numpy {np.__version__}")  # fmt: skip
-    results = {"gpu": name, "peaks": peaks, "cpu_threads": ARGS.cpu_threads,
-               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "boxes": []}  # fmt: skip
-    for n in ARGS.boxes:
-        results["boxes"].append(bench_box(n, ARGS.quick, peaks, log))
+def report(results: dict, log) -> None:
+    """The summary table and the 10^6-particle estimate (box 256) of ``results``;
+    the estimate is also stored as ``results["million_particles_box256_s"]``."""
     log("\nbox | GPU poses/s | CPU poses/s | ratio | GPU particles/s | CPU particles/s | ratio "
         "| kernel TFLOP/s (FP32 %) | kernel TB/s (BW %)")  # fmt: skip
     for r in results["boxes"]:
@@ -560,13 +609,51 @@ def main() -> int:
         best = max(rates, key=rates.get)
         t_search = 1e6 / rates[best]
         log(f"\n(search rate used below: {best}, {rates[best]:.4g} particles/s)")
-        t_insert = 1e6 / r["gpu_insert_float32_per_s"]
+        acc = max(
+            ("float32", "float32x4"), key=lambda a: r[f"gpu_insert_{a}_per_s"]
+        )  # float32 accumulators: the faster layout
+        log(f"(insertion rate used below: {acc} accumulators)")
+        t_insert = 1e6 / r[f"gpu_insert_{acc}_per_s"]
         results["million_particles_box256_s"] = t_search + t_insert
         log(
             f"\n10^6 particles at box 256, one iteration on this GPU (from the rates above): "
             f"search {t_search / 60:.1f} min + insertion {t_insert / 60:.1f} min = "
             f"{(t_search + t_insert) / 60:.1f} min (image reading and FFTs not included)"
         )
+
+
+def main() -> int:
+    from localrefine_plugin.kernels.backend import (
+        cuda_available,
+        device_name,
+        ensure_context,
+    )
+
+    ok, reason = cuda_available()
+    if not ok:
+        print(f"bench_gpu: no GPU: {reason}", file=sys.stderr)
+        return 2
+    ensure_context()
+    name = device_name()
+    peaks = None
+    if ARGS.peak_tflops and ARGS.peak_tbps:
+        peaks = (ARGS.peak_tflops, ARGS.peak_tbps)
+    else:
+        for key, tf, tb in PEAKS:
+            if key in name:
+                peaks = (tf, tb)
+                break
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"GPU: {name}; peaks used: {peaks} (FP32 TFLOP/s, TB/s); CPU path: "
+        f"{ARGS.cpu_threads} threads; numpy {np.__version__}")  # fmt: skip
+    results = {"gpu": name, "peaks": peaks, "cpu_threads": ARGS.cpu_threads,
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "boxes": []}  # fmt: skip
+    for n in ARGS.boxes:
+        results["boxes"].append(bench_box(n, ARGS.quick, peaks, log))
+    report(results, log)
     if ARGS.json:
         tmp = ARGS.json + ".tmp"
         with open(tmp, "w") as fh:

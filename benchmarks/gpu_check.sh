@@ -10,7 +10,8 @@
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
 #     typing_extensions, siphash24, mako, markupsafe, mrcfile.
 # Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
-# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json.
+# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, and ncu.txt (an
+# Nsight Compute profile of the scoring kernels, where ncu exists and time is left).
 # Time: ~1 min build on 16 cores, tests and benchmark capped by timeouts so the
 # whole script ends within ~8 minutes.
 set -u -o pipefail
@@ -141,6 +142,19 @@ if [ $left -gt 40 ]; then
         -v -rs -s -W "ignore::DeprecationWarning" || status=7
 else
     stamp "no time left for the refinement test"
+fi
+# -- 6. where the scoring kernels stand, by Nsight Compute (if present and time left)
+NCU=$(command -v ncu || ls "$CUDA_ROOT"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+left=$((500 - ($(date +%s) - T0)))
+if [ -n "$NCU" ] && [ $left -gt 45 ]; then
+    stamp "Nsight Compute profile of the scoring kernels (timeout $left s): ncu.txt"
+    timeout $left "$NCU" -k regex:score_tiles --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy \
+        $PY benchmarks/profile_scoring.py --box 256 --variants s64 s64_cells \
+        > "$OUTDIR/ncu.txt" 2>&1
+    stamp "ncu exit $? ($(wc -l < "$OUTDIR/ncu.txt") lines)"
+else
+    stamp "no ncu profile (ncu: ${NCU:-not found}; $left s left)"
 fi
 stamp "gpu_check done, status $status"
 sleep 1  # let tee finish the log

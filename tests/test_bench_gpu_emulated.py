@@ -1,0 +1,73 @@
+"""`benchmarks/bench_gpu.py` end to end on the emulated GPU (no GPU; CI runs it).
+
+A GPU session is scarce, and a benchmark that breaks there wastes it: this
+runs every measurement of the benchmark at a tiny box through the emulated
+PyCUDA of ``test_gpu_host_emulated.py`` (the real kernels compiled for the
+CPU), with a smaller stage and search, and the K-process measurement on the
+CPU path (spawned processes do not see the emulator).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_gpu_host_emulated import emulator_dir, fake_pycuda  # noqa: F401 (fixtures)
+
+
+@pytest.mark.slow  # about 100 s: each emulated launch takes a fraction of a second
+@pytest.mark.usefixtures("fake_pycuda")
+def test_gpu_benchmark_runs_through_on_the_emulator(monkeypatch):
+    """`benchmarks/bench_gpu.py` end to end at a tiny box (smaller stage and
+    search, K processes on the CPU path): every measurement runs, the GPU
+    search finds the CPU's poses whether the kernels read the volume or its
+    cells, and the summary with the 10^6-particle estimate prints. A GPU
+    session is scarce; a benchmark that breaks there wastes it."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")  # the benchmark sets them on import
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_gpu")
+    # the emulator runs a 256-thread block in about 0.2 s: one block per launch
+    monkeypatch.setattr(bench, "J_STAGE", 32)
+    monkeypatch.setattr(bench, "S_STAGE", 32)
+    monkeypatch.setattr(bench, "QUICK", dict(
+        score_gpu=1, score_cpu=1, search_gpu=2, search_cpu=1, search_batch=1,
+        project_gpu=4, project_cpu=2, processes=(2,),
+    ))  # fmt: skip
+    small = dict(
+        rotation_extent_deg=2.0, alignment_resolution_deg=1.0, shift_extent_px=1.0
+    )
+    monkeypatch.setattr(
+        bench, "local_search", functools.partial(bench.local_search, **small)
+    )
+    real_processes = bench.search_in_processes
+
+    def cpu_processes(k, device, n, r_max, data, kw, **opts):
+        return real_processes(k, "cpu", n, r_max, data, dict(kw, **small), **opts)
+
+    monkeypatch.setattr(bench, "search_in_processes", cpu_processes)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+        lines.append(msg)
+
+    res = bench.bench_box(20, True, (66.9, 3.35), log)
+    for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
+                "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
+                "gpu_particles_per_s_processes2", "fp32_fraction"):  # fmt: skip
+        assert key in res, key
+    assert set(res["kernel_s_by_variant"]) == set(
+        importlib.import_module("localrefine_plugin.kernels.cuda_scoring").VARIANTS
+    )
+    assert res["same_pose_as_cpu"] == "1 of 1"
+    assert res["cells_same_pose"] == "2 of 2"
+    assert res["processes2_same_pose"] == "2 of 2"
+    results = {"boxes": [dict(res, box=256)]}
+    bench.report(results, log)
+    assert results["million_particles_box256_s"] > 0
+    assert any(line.startswith("\n10^6 particles at box 256") for line in lines)
