@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gpu import J_STAGE, S_STAGE, blob_volume, particles, stage_candidates  # noqa: E402
+import bench_gpu  # noqa: E402
 
 from localrefine_plugin.engine.projector import FourierProjector  # noqa: E402
 
@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     n = args.box
     r_max = round(0.4 * n)
     rng = np.random.default_rng(n)
-    proj = FourierProjector(blob_volume(n), r_max_px=r_max + 1)
-    x, ctf, inv_s2, a, o = particles(proj, args.particles, rng)
-    rots, shifts = stage_candidates(a, o, rng)
+    proj = FourierProjector(bench_gpu.blob_volume(n), r_max_px=r_max + 1)
+    x, ctf, inv_s2, a, o = bench_gpu.particles(proj, args.particles, rng)
+    rots, shifts = bench_gpu.stage_candidates(a, o, rng)
     for variant in args.variants:
         launch = _ScoreLaunch(
             proj, x, ctf, inv_s2, rots, shifts, None, float(r_max), variant
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         launch.scores()
         cuda.Context.synchronize()
         print(
-            f"box {n}, {args.particles} particles, J {J_STAGE} x S {S_STAGE}: {variant} "
+            f"box {n}, {args.particles} particles, J {rots.shape[1]} x S {shifts.shape[1]}: "
+            f"{variant} "
             f"{(time.perf_counter() - t0) * 1e3:.2f} ms (host clock, profiler included)",
             flush=True,
         )

@@ -19,27 +19,33 @@ import pytest
 from .test_gpu_host_emulated import emulator_dir, fake_pycuda  # noqa: F401 (fixtures)
 
 
-@pytest.mark.slow  # about 100 s: each emulated launch takes a fraction of a second
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark module, with a one-block stage (the emulator runs a
+    256-thread block in about 0.2 s); its BLAS thread variables restored after."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")  # the benchmark sets them on import
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = importlib.import_module("bench_gpu")
+    monkeypatch.setattr(module, "J_STAGE", 32)
+    monkeypatch.setattr(module, "S_STAGE", 32)
+    return module
+
+
+@pytest.mark.slow  # about 60 s: each emulated launch takes a fraction of a second
 @pytest.mark.usefixtures("fake_pycuda")
-def test_gpu_benchmark_runs_through_on_the_emulator(monkeypatch):
+def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     """`benchmarks/bench_gpu.py` end to end at a tiny box (smaller stage and
     search, K processes on the CPU path): every measurement runs, the GPU
     search finds the CPU's poses whether the kernels read the volume or its
     cells, and the summary with the 10^6-particle estimate prints. A GPU
     session is scarce; a benchmark that breaks there wastes it."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(var, "1")  # the benchmark sets them on import
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    bench = importlib.import_module("bench_gpu")
-    # the emulator runs a 256-thread block in about 0.2 s: one block per launch
-    monkeypatch.setattr(bench, "J_STAGE", 32)
-    monkeypatch.setattr(bench, "S_STAGE", 32)
     monkeypatch.setattr(bench, "QUICK", dict(
         score_gpu=1, score_cpu=1, search_gpu=2, search_cpu=1, search_batch=1,
         project_gpu=4, project_cpu=2, processes=(2,),
     ))  # fmt: skip
     small = dict(
-        rotation_extent_deg=2.0, alignment_resolution_deg=1.0, shift_extent_px=1.0
+        rotation_extent_deg=1.0, alignment_resolution_deg=1.0, shift_extent_px=0.5
     )
     monkeypatch.setattr(
         bench, "local_search", functools.partial(bench.local_search, **small)
@@ -71,3 +77,16 @@ def test_gpu_benchmark_runs_through_on_the_emulator(monkeypatch):
     bench.report(results, log)
     assert results["million_particles_box256_s"] > 0
     assert any(line.startswith("\n10^6 particles at box 256") for line in lines)
+
+
+@pytest.mark.usefixtures("fake_pycuda")
+def test_profile_script_launches_each_variant_once(bench, capsys):
+    """`benchmarks/profile_scoring.py` (run under ncu by gpu_check.sh)."""
+    profile = importlib.import_module("profile_scoring")
+    argv = ["--box", "20", "--particles", "1", "--variants", "s64", "s64_cells"]
+    assert profile.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[1].split()[0] for line in out] == ["s64", "s64_cells"]
+    assert all("J 32 x S 32" in line for line in out)
+    with pytest.raises(SystemExit):
+        profile.main(["--variants", "s128"])
