@@ -1,0 +1,38 @@
+"""`benchmarks/gather_sectors.py`: the sector counts behind the cells layout."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def sectors(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    return importlib.import_module("gather_sectors")
+
+
+def test_a_cell_is_two_sectors_and_the_volume_more(sectors):
+    """A 64-byte cell is 2 aligned sectors per sample (a warp's samples at
+    padding 2 never share a cell); 8 scattered corners take more."""
+    rng = np.random.default_rng(0)
+    load_c, warp_c, tile_c = sectors.count(48, "raster", "cells", 1, 5.0, rng)
+    rng = np.random.default_rng(0)
+    load_v, warp_v, tile_v = sectors.count(48, "raster", "volume", 1, 5.0, rng)
+    assert 1.95 <= warp_c <= 2.0
+    assert warp_v > 3.5
+    assert 0 < tile_c <= warp_c and 0 < tile_v <= warp_v  # reuse across a tile
+    assert 0 < load_c <= 1.0 and 0 < load_v <= 1.0  # at most a sector per lane
+
+
+def test_cell_offsets_cover_the_cell(sectors):
+    q = np.array([[3.2, -1.7, 0.4]])
+    offsets = sectors.sample_bytes(q, 10, "cells", 6)
+    assert offsets.shape == (4, 1)
+    np.testing.assert_array_equal(np.diff(offsets[:, 0]), [16, 16, 16])
+    assert offsets[0, 0] % 64 == 0
