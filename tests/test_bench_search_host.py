@@ -25,3 +25,4 @@ def test_stand_in_search_converges_and_reports_its_host_time(bench):
     assert r["poses_per_particle"] > 100
     assert r["median_error_deg_consensus"] > 2.0
     assert r["median_error_deg_found"] < 0.5  # the 0.5 deg leaves hold the truth
+    assert r["ctf_ms"] > 0
