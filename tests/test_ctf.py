@@ -81,9 +81,12 @@ def test_bfactor_envelope():
     np.testing.assert_allclose(damped, plain * np.exp(-25.0 * u2), atol=1e-12)
 
 
-# box 48: all particles in one chunk; box 256: one particle per chunk
-@pytest.mark.parametrize("n", [48, 256])
-def test_ctf_equals_relions_formula_pixel_by_pixel(n):
+# box 48: all particles in one chunk; box 256: one particle per chunk;
+# float32: the sine of the reduced phase in float32 (about the result's rounding)
+@pytest.mark.parametrize(("n", "dtype", "atol"), [
+    (48, np.float64, 1e-11), (256, np.float64, 1e-11), (256, np.float32, 3e-7),
+])  # fmt: skip
+def test_ctf_equals_relions_formula_pixel_by_pixel(n, dtype, atol):
     """Every particle's CTF (mixed B-factors, phase shifts, voltages) equals
     RELION's formula evaluated directly, cos(2 (alpha - azimuth)) and all."""
     rng = np.random.default_rng(5)
@@ -97,8 +100,8 @@ def test_ctf_equals_relions_formula_pixel_by_pixel(n):
         bfactor_a2=np.where(rng.random(m) < 0.5, 0.0, rng.uniform(0, 200, m)),
         scale=rng.uniform(0.5, 1.0, m),
     )  # fmt: skip
-    got = ctf_2d(params, n, apix, dtype=np.float64)
-    assert got.shape == (m, n, n // 2 + 1)
+    got = ctf_2d(params, n, apix, dtype=dtype)
+    assert got.shape == (m, n, n // 2 + 1) and got.dtype == dtype
     ky = np.fft.fftfreq(n) * n
     kx = np.arange(n // 2 + 1)
     sx, sy = np.meshgrid(kx / (n * apix), ky / (n * apix))  # (N, N//2+1)
@@ -117,4 +120,4 @@ def test_ctf_equals_relions_formula_pixel_by_pixel(n):
             - np.arctan(q / np.sqrt(1 - q * q))
         )
         want = -np.sin(chi) * np.exp(-params.bfactor_a2[i] / 4 * u2) * params.scale[i]
-        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-11)
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=atol)

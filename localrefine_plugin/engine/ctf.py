@@ -99,7 +99,10 @@ def ctf_2d(
     ``cos(2 (alpha - azimuth)) = cos 2alpha cos 2az + sin 2alpha sin 2az`` so
     that per particle and pixel only ``sin(chi)`` (and the B-factor's ``exp``
     when B != 0) is transcendental; particles in chunks of about 65536
-    values, so the temporaries stay in cache.
+    values, so the temporaries stay in cache. For a float32 result, ``chi``
+    is reduced to [-pi, pi] in float64 and its sine taken in float32 (NumPy's
+    vectorised float32 sine is ~10x faster than float64's): within 2e-7 of
+    the float64 value, about the float32 rounding of the result itself.
     """
     fields = np.broadcast_arrays(
         *(
@@ -134,7 +137,11 @@ def ctf_2d(
         j = slice(i, min(i + step, m))
         defocus = mean[j] + c2[j] * cos2 + s2[j] * sin2  # (k, P)
         chi = a_term[j] * defocus * u2 + b_term[j] * u4 + k_term[j]
-        ctf = np.sin(chi)
+        if out.dtype == np.float32:
+            chi -= np.rint(chi * (0.5 / np.pi)) * (2 * np.pi)  # into [-pi, pi]
+            ctf = np.sin(chi.astype(np.float32)).astype(np.float64)
+        else:
+            ctf = np.sin(chi)
         ctf *= -scale[j]
         if np.any(bfac[j]):
             ctf *= np.exp(-bfac[j] / 4 * u2)
