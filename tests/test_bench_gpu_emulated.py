@@ -65,7 +65,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     res = bench.bench_box(20, True, (66.9, 3.35), log)
     for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
-                "gpu_particles_per_s_processes2", "fp32_fraction"):  # fmt: skip
+                "gpu_particles_per_s_processes2", "fp32_fraction",
+                "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
         assert key in res, key
     assert set(res["kernel_s_by_variant"]) == set(
         importlib.import_module("localrefine_plugin.kernels.cuda_scoring").VARIANTS
@@ -76,6 +77,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     results = {"boxes": [dict(res, box=256)]}
     bench.report(results, log)
     assert results["million_particles_box256_s"] > 0
+    assert results["million_particles_box256_host_prep_core_s"] > 0
     assert any(line.startswith("\n10^6 particles at box 256") for line in lines)
 
 
