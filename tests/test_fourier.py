@@ -11,6 +11,7 @@ from localrefine_plugin.engine.fourier import (
     shell_index_2d,
     shell_index_3d,
     shift_images_fourier,
+    shift_phases_2d,
     volume_to_fourier,
 )
 
@@ -68,3 +69,23 @@ def test_resolution_of_shell():
         and res[1] == pytest.approx(96.0)
         and res[2] == pytest.approx(3.0)
     )
+
+
+@pytest.mark.parametrize("n", [33, 64])
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(np.complex128, 1e-13), (np.complex64, 3e-7)]
+)
+def test_shift_phases_equal_the_exponential_of_the_phase_plane(n, dtype, atol):
+    """The separable phases (row factor x column factor) equal
+    exp(-2 pi i (kx dx + ky dy) / N) pixel by pixel, for any leading shape."""
+    rng = np.random.default_rng(2)
+    shifts = rng.uniform(-20, 20, (3, 4, 2))
+    got = shift_phases_2d(n, shifts, dtype=dtype)
+    assert got.shape == (3, 4, n, n // 2 + 1) and got.dtype == dtype
+    ky, kx = np.meshgrid(np.fft.fftfreq(n) * n, np.arange(n // 2 + 1), indexing="ij")
+    for idx in np.ndindex(3, 4):
+        dx, dy = shifts[idx]
+        want = np.exp(-2j * np.pi * (kx * dx + ky * dy) / n)
+        np.testing.assert_allclose(got[idx], want, rtol=0, atol=atol)
+    single = shift_phases_2d(n, shifts[1, 2], dtype=dtype)
+    np.testing.assert_array_equal(single, got[1, 2])

@@ -119,14 +119,18 @@ def shift_phases_2d(n: int, shifts_px: np.ndarray, dtype=np.complex128) -> np.nd
     Returns
     -------
     ndarray, shape (..., N, N//2+1)
-        ``exp(-2 pi i (kx dx + ky dy) / N)``.
+        ``exp(-2 pi i (kx dx + ky dy) / N)``, formed as the outer product of
+        the row factors ``exp(-2 pi i ky dy / N)`` and the column factors
+        ``exp(-2 pi i kx dx / N)`` (computed in float64, multiplied in
+        ``dtype``): N + N//2 + 1 complex exponentials per shift instead of
+        N (N//2+1).
     """
     shifts_px = np.asarray(shifts_px, dtype=np.float64)
-    kx, ky = frequency_grid_2d(n)
-    phase = (
-        shifts_px[..., 0, None, None] * kx + shifts_px[..., 1, None, None] * ky
-    )  # (..., N, N//2+1)
-    return np.exp((-2j * np.pi / n) * phase).astype(dtype, copy=False)
+    kx = np.arange(n // 2 + 1, dtype=np.float64)
+    ky = np.fft.fftfreq(n, d=1.0 / n)
+    ex = np.exp((-2j * np.pi / n) * (shifts_px[..., 0, None] * kx)).astype(dtype)
+    ey = np.exp((-2j * np.pi / n) * (shifts_px[..., 1, None] * ky)).astype(dtype)
+    return ey[..., :, None] * ex[..., None, :]  # (..., N, N//2+1)
 
 
 def shift_images_fourier(f: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
