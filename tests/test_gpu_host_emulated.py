@@ -710,3 +710,53 @@ def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(
     monkeypatch.setattr(drv, "mem_get_info", lambda: (4 * per_particle, 2**30))
     with pytest.raises(RuntimeError, match="give --batch-size 2 or less"):
         get_score_fn().bind_batch(proj, x, ctf, np.ones(n // 2 + 1), r_max_px=8.0)
+
+
+def test_cuda_backend_reconstructs_and_estimates_noise_like_the_cpu(
+    fake_pycuda, tmp_path
+):
+    """`--device cuda` inserts with `CudaBackProjector` and projects the noise
+    pass's predictions with `CudaProjector`: the half maps, their FSC and
+    sigma^2 equal the CPU backend's."""
+    from localrefine_plugin.engine import mrc_io, refine_steps
+    from localrefine_plugin.engine.particles import read_particles
+    from localrefine_plugin.engine.refine_device import select_backend
+    from localrefine_plugin.engine.refine_options import RefineOptions
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_projector import CudaProjector
+
+    from .test_refine import make_dataset
+
+    data = make_dataset(tmp_path / "data", n=12, snr=2.0)
+    particles = read_particles(data["star"])
+    mask, _ = mrc_io.read_map(data["mask"])
+    gpu, cpu = select_backend("cuda"), select_backend("cpu")
+    assert gpu.backprojector is CudaBackProjector
+    assert isinstance(gpu.projector(FourierProjector(blob_map(24))), CudaProjector)
+    options = RefineOptions(batch_size=5)  # several batches
+    rec = {
+        b.name: refine_steps.reconstruct_and_compare(
+            particles, mask, options=options, backend=b
+        )
+        for b in (cpu, gpu)
+    }
+    scale = np.abs(rec["cpu"].raw_halves).max()
+    assert np.abs(rec["cuda"].raw_halves - rec["cpu"].raw_halves).max() <= 1e-4 * scale
+    got, want = rec["cuda"].fsc.resolution_0143, rec["cpu"].fsc.resolution_0143
+    assert got.value_a == pytest.approx(want.value_a, rel=1e-4)
+    launches = fake_pycuda["modules"]["backprojector.cu"].launches
+    assert {name for name, _, _ in launches} == {"backproject_f32"}
+    refs = rec["cpu"].halves * mask
+    sigma2 = {
+        b.name: refine_steps.estimate_noise(
+            particles,
+            refs,
+            rotations=particles.matrices(),
+            origins_px=particles.origin_px,
+            options=options,
+            backend=b,
+        )  # fmt: skip
+        for b in (cpu, gpu)
+    }
+    np.testing.assert_allclose(sigma2["cuda"], sigma2["cpu"], rtol=1e-4)
+    assert fake_pycuda["modules"]["projector.cu"].launches

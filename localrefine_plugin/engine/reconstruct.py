@@ -77,6 +77,7 @@ def reconstruct_particles(
     indices: np.ndarray | None = None,
     top_k_poses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     apply_ctf: bool = True,
+    backprojector=BackProjector,
 ) -> tuple[BackProjector, BackProjector]:
     """Back-project every particle into the accumulator of its half set.
 
@@ -99,6 +100,10 @@ def reconstruct_particles(
         times with these weights instead of once at the particle's pose.
     apply_ctf : bool
         Use ``particles.ctf`` (when present) for CTF-weighted insertion.
+    backprojector : callable
+        ``backprojector(box, padding=, r_max_px=)`` makes each half's
+        accumulator: :class:`.backprojector.BackProjector` (default) or its
+        GPU twin (``refine_device.Backend.backprojector``).
 
     Returns
     -------
@@ -109,8 +114,8 @@ def reconstruct_particles(
     n, box = particles.n, particles.box
     idx_all = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
     halves = (
-        BackProjector(box, padding=padding, r_max_px=r_max_px),
-        BackProjector(box, padding=padding, r_max_px=r_max_px),
+        backprojector(box, padding=padding, r_max_px=r_max_px),
+        backprojector(box, padding=padding, r_max_px=r_max_px),
     )
     rotations = particles.matrices() if top_k_poses is None else None
     use_ctf = apply_ctf and particles.ctf is not None

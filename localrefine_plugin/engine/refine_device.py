@@ -1,4 +1,5 @@
-"""The one CPU/GPU switch of the refinement: which ``score_fn`` the search uses.
+"""The one CPU/GPU switch of the refinement: which ``score_fn`` the search uses,
+and where the reconstruction's insertion and the noise pass's projections run.
 
 ``device="cpu"`` uses :func:`localrefine_plugin.engine.scoring.score_poses`.
 ``"cuda"`` and ``"auto"`` ask :mod:`localrefine_plugin.kernels` (imported only
@@ -10,15 +11,18 @@ function with the same signature:
     ``ImportError`` (no PyCUDA) or ``RuntimeError`` (no usable GPU) saying why.
 
 ``"cuda"`` turns either failure into an :class:`InputError`; ``"auto"`` logs
-it and falls back to the CPU.
+it and falls back to the CPU. The GPU backend also inserts with
+``kernels.cuda_backprojector.CudaBackProjector`` and projects the noise
+pass's predictions with ``kernels.cuda_projector.CudaProjector``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .backprojector import BackProjector
 from .errors import InputError
 
 __all__ = ["Backend", "select_backend", "DEVICES"]
@@ -41,11 +45,19 @@ class Backend:
     power_fn : callable
         Same signature as :func:`.scoring.weighted_projection_power` (the
         branch-and-bound's bound).
+    backprojector : callable
+        ``backprojector(n, padding=, r_max_px=)``: the reconstruction's
+        accumulator (:class:`.backprojector.BackProjector` or its GPU twin).
+    projector : callable
+        ``projector(fourier_projector)``: what the noise pass projects with
+        (the projector itself, or its GPU twin with the same ``.project``).
     """
 
     name: str
     score_fn: Callable
     power_fn: Callable
+    backprojector: Callable = field(default=BackProjector)
+    projector: Callable = field(default=lambda projector: projector)
 
 
 def _cpu() -> Backend:
@@ -60,7 +72,16 @@ def _cuda() -> Backend:
     get = getattr(kernels, "get_score_fn", None)
     if get is None:
         raise ImportError("this installation has no GPU scoring kernels")
-    return Backend("cuda", get(), kernels.get_power_fn())
+    from ..kernels.cuda_backprojector import CudaBackProjector
+    from ..kernels.cuda_projector import CudaProjector
+
+    return Backend(
+        "cuda",
+        get(),
+        kernels.get_power_fn(),
+        backprojector=CudaBackProjector,
+        projector=CudaProjector,
+    )
 
 
 def select_backend(device: str) -> Backend:

@@ -127,6 +127,7 @@ class RefinementLoop:
             origins_px=self.consensus_origins,
             options=opt,
             comm=self.comm,
+            backend=self.backend,
         )
         return Checkpoint(
             iteration=0,
@@ -272,8 +273,9 @@ class RefinementLoop:
         )
         moved = self._with_poses(aligned.rotations, aligned.origins_px)
         rec = steps.reconstruct_and_compare(
-            moved, prev.mask, options=opt, alignment=aligned, comm=self.comm
-        )
+            moved, prev.mask, options=opt, alignment=aligned, comm=self.comm,
+            backend=self.backend,
+        )  # fmt: skip
         halves, full = rec.halves, rec.full
         res = rec.fsc.resolution_0143
         mask = prev.mask
@@ -293,6 +295,7 @@ class RefinementLoop:
             origins_px=aligned.origins_px,
             options=opt,
             comm=self.comm,
+            backend=self.backend,
         )
         rot_change = geodesic_angle_deg(aligned.rotations, prev.rotations)
         shift_change = np.linalg.norm(aligned.origins_px - prev.origins_px, axis=1)

@@ -267,6 +267,7 @@ def reconstruct_and_compare(
     options,
     alignment: AlignmentResult | None = None,
     comm=None,
+    backend=None,
 ) -> Reconstruction:
     """Half maps, full map and masked FSC at the particles' current poses.
 
@@ -275,7 +276,8 @@ def reconstruct_and_compare(
     regularisation is :meth:`.backprojector.BackProjector.reconstruct` with the
     half-map FSC (:func:`.reconstruct.half_map_fsc`), as RELION does.
     Under MPI (``comm``) each rank back-projects its share of the batches and
-    the accumulators are summed over the ranks (:mod:`.parallel`).
+    the accumulators are summed over the ranks (:mod:`.parallel`). ``backend``
+    (:class:`.refine_device.Backend`) chooses the accumulator (CPU or GPU).
     """
     comm = SerialComm() if comm is None else comm
     top_k = None
@@ -291,6 +293,7 @@ def reconstruct_and_compare(
         batch_size=options.batch_size,
         top_k_poses=top_k,
         indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
+        **({} if backend is None else {"backprojector": backend.backprojector}),
     )
     for bp in (bp1, bp2):  # the same batches as one process, summed over ranks
         comm.allreduce_sum(bp.data)
@@ -326,6 +329,7 @@ def estimate_noise(
     origins_px: np.ndarray,
     options,
     comm=None,
+    backend=None,
 ) -> np.ndarray:
     """sigma^2 (n_groups, N//2+1) from the residuals against the masked references.
 
@@ -333,6 +337,8 @@ def estimate_noise(
     set's reference at the given pose (:func:`.projector.forward_model`); the
     residual power is accumulated per optics group and shell
     (:class:`.noise.Sigma2Accumulator`), summed over the MPI ranks (``comm``).
+    ``backend`` (:class:`.refine_device.Backend`) chooses where the
+    projections run (CPU or GPU).
     """
     comm = SerialComm() if comm is None else comm
     box = particles.box
@@ -341,6 +347,8 @@ def estimate_noise(
     subsets = np.asarray(particles.random_subset)
     for half in (1, 2):
         projector = FourierProjector(references[half - 1], padding=2)
+        if backend is not None:
+            projector = backend.projector(projector)
         for idx in comm.share(
             _batches(np.flatnonzero(subsets == half), options.batch_size)
         ):
