@@ -74,3 +74,17 @@ def blob_map(
 def rng() -> np.random.Generator:
     """A seeded generator: every test is reproducible."""
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    """``benchmark_module(name)``: a script of ``benchmarks/`` imported as a
+    module (its folder on ``sys.path`` for this test, so that spawned
+    processes import it too); BLAS thread variables restored after the test
+    (``bench_gpu`` sets them on import)."""
+    import importlib
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    return importlib.import_module

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,13 +19,10 @@ from .test_gpu_host_emulated import emulator_dir, fake_pycuda  # noqa: F401 (fix
 
 
 @pytest.fixture
-def bench(monkeypatch):
+def bench(benchmark_module, monkeypatch):
     """The benchmark module, with a one-block stage (the emulator runs a
-    256-thread block in about 0.2 s); its BLAS thread variables restored after."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(var, "1")  # the benchmark sets them on import
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    module = importlib.import_module("bench_gpu")
+    256-thread block in about 0.2 s)."""
+    module = benchmark_module("bench_gpu")
     monkeypatch.setattr(module, "J_STAGE", 32)
     monkeypatch.setattr(module, "S_STAGE", 32)
     return module
@@ -82,9 +78,9 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
 
 
 @pytest.mark.usefixtures("fake_pycuda")
-def test_profile_script_launches_each_variant_once(bench, capsys):
+def test_profile_script_launches_each_variant_once(bench, benchmark_module, capsys):
     """`benchmarks/profile_scoring.py` (run under ncu by gpu_check.sh)."""
-    profile = importlib.import_module("profile_scoring")
+    profile = benchmark_module("profile_scoring")
     argv = ["--box", "20", "--particles", "1", "--variants", "s64", "s64_cells"]
     assert profile.main(argv) == 0
     out = capsys.readouterr().out.splitlines()

@@ -5,9 +5,6 @@ measurement at once instead of leaving the others waiting."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,16 +12,10 @@ from localrefine_plugin.engine.geometry import axis_angle_to_matrix
 from localrefine_plugin.engine.projector import FourierProjector
 from localrefine_plugin.engine.search import local_search
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch):
-    # the benchmark sets the BLAS thread variables on import; restore them after
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.syspath_prepend(str(BENCH_DIR))  # spawned processes import it too
-    return importlib.import_module("bench_gpu")
+def bench(benchmark_module):
+    return benchmark_module("bench_gpu")
 
 
 def _data(bench, n: int, r_max: int, m: int):

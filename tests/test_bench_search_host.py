@@ -4,18 +4,12 @@ the hidden poses (so what it times is a search that prunes and converges)."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import pytest
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    return importlib.import_module("bench_search_host")
+def bench(benchmark_module):
+    return benchmark_module("bench_search_host")
 
 
 def test_stand_in_search_converges_and_reports_its_host_time(bench):

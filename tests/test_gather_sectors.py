@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def sectors(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    return importlib.import_module("gather_sectors")
+def sectors(benchmark_module):
+    return benchmark_module("gather_sectors")
 
 
 def test_a_cell_is_two_sectors_and_the_volume_more(sectors):
