@@ -41,6 +41,7 @@ from localrefine_plugin.kernels import backend
 from localrefine_plugin.kernels.backend import KERNEL_DIR
 
 from .conftest import blob_map
+from .test_gpu_kernels import TWINS
 
 SHIM = r"""
 #include <atomic>
@@ -344,6 +345,8 @@ def test_every_kernel_is_found_by_the_emulator():
         "build_cells",
         "score_tiles_s64_cells",
         "score_tiles_j64_s64_cells",
+        "score_tiles_s64_occ4",
+        "score_tiles_s64_cells_occ4",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -519,7 +522,8 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
 @pytest.mark.parametrize(
     ("variant", "r_max"),
     [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
-     ("j64_s64_cells", 7.0), ("s64_cells", 10.0)],
+     ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
+     ("s64_cells_occ4", 7.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max
@@ -552,9 +556,10 @@ def test_every_scoring_kernel_variant_scores_like_the_engine(
 
     got = scores(variant)
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
+    if variant in TWINS:  # the same arithmetic: bit for bit
+        np.testing.assert_array_equal(got, scores(TWINS[variant]))
     if VARIANTS[variant][3]:
         assert cells_radius(proj, r_max) == (16 if r_max == 7.0 else proj.c)
-        np.testing.assert_array_equal(got, scores(variant.removesuffix("_cells")))
 
 
 def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
