@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def reconstruct_particles(
     indices: np.ndarray | None = None,
     top_k_poses: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     apply_ctf: bool = True,
-    backprojector=BackProjector,
+    backprojector: Callable[..., BackProjector] = BackProjector,
 ) -> tuple[BackProjector, BackProjector]:
     """Back-project every particle into the accumulator of its half set.
 

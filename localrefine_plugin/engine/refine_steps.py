@@ -32,6 +32,7 @@ from .fourier import image_to_fourier
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
+from .refine_device import Backend
 from .search_ops import search_threads
 
 __all__ = [
@@ -267,7 +268,7 @@ def reconstruct_and_compare(
     options,
     alignment: AlignmentResult | None = None,
     comm=None,
-    backend=None,
+    backend: Backend | None = None,
 ) -> Reconstruction:
     """Half maps, full map and masked FSC at the particles' current poses.
 
@@ -329,7 +330,7 @@ def estimate_noise(
     origins_px: np.ndarray,
     options,
     comm=None,
-    backend=None,
+    backend: Backend | None = None,
 ) -> np.ndarray:
     """sigma^2 (n_groups, N//2+1) from the residuals against the masked references.
 
