@@ -765,3 +765,40 @@ def test_cuda_backend_reconstructs_and_estimates_noise_like_the_cpu(
     }
     np.testing.assert_allclose(sigma2["cuda"], sigma2["cpu"], rtol=1e-4)
     assert fake_pycuda["modules"]["projector.cu"].launches
+
+
+@pytest.mark.slow
+def test_refinement_with_the_cuda_backend_equals_the_cpu_one(fake_pycuda, tmp_path):
+    """`run_local_refinement(device="cuda")` end to end on the emulated GPU
+    (search, insertion and noise pass on the "device"; about 40 s): the CPU
+    run's poses, and its resolution within 1 %."""
+    from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
+
+    from .test_refine import FAST, make_dataset, read_poses
+
+    data = make_dataset(tmp_path / "data", n=6, snr=2.0, perturb_deg=1.0)
+    options = RefineOptions(**dict(FAST, rotation_extent_deg=1.5, batch_size=4))
+    runs = {
+        device: run_local_refinement(
+            data["star"],
+            data["reference"],
+            data["mask"],
+            output_dir=tmp_path / device,
+            options=options,
+            device=device,
+        )  # fmt: skip
+        for device in ("cpu", "cuda")
+    }
+    launched = {
+        name for module in fake_pycuda["modules"].values()
+        for name, _, _ in module.launches
+    }  # fmt: skip
+    assert {"backproject_f32", "project_slices", "fold_weights"} <= launched
+    assert any(name.startswith("score_tiles") for name in launched)
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    assert gpu.summary["device"] == "cuda" and cpu.summary["device"] == "cpu"
+    assert gpu.resolution_a == pytest.approx(cpu.resolution_a, rel=0.01)
+    rot_c, org_c = read_poses(tmp_path / "cpu" / "particles.star")
+    rot_g, org_g = read_poses(tmp_path / "cuda" / "particles.star")
+    np.testing.assert_allclose(rot_g, rot_c, atol=1e-6)
+    np.testing.assert_allclose(org_g, org_c, atol=1e-6)
