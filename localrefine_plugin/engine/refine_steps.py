@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from . import fsc as fsc_mod
 from . import masks, noise, reconstruct, search
+from .backprojector import BackProjector
 from .ctf import ctf_2d
 from .fourier import image_to_fourier
 from .parallel import SerialComm
@@ -294,7 +295,7 @@ def reconstruct_and_compare(
         batch_size=options.batch_size,
         top_k_poses=top_k,
         indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
-        **({} if backend is None else {"backprojector": backend.backprojector}),
+        backprojector=BackProjector if backend is None else backend.backprojector,
     )
     for bp in (bp1, bp2):  # the same batches as one process, summed over ranks
         comm.allreduce_sum(bp.data)

@@ -47,14 +47,20 @@ def device_volume(projector: FourierProjector):
     ``data`` is read-only, so the copy cannot go stale).
     """
 
-    key = id(projector)
-    vol = _volumes.get(key)
-    if vol is None:
+    def upload():
         load_kernels("projector.cu")  # makes the context current
-        vol = to_device(projector.data, np.complex64)
-        _volumes[key] = vol
-        weakref.finalize(projector, _volumes.pop, key, None)
-    return vol
+        return to_device(projector.data, np.complex64)
+
+    return _per_projector(_volumes, id(projector), projector, upload)
+
+
+def _per_projector(cache: dict, key, projector: FourierProjector, make):
+    """``cache[key]``, made by ``make()`` at first use and dropped with ``projector``."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+        weakref.finalize(projector, cache.pop, key, None)
+    return hit
 
 
 def cells_radius(projector: FourierProjector, r_max_px: float) -> int:
@@ -83,9 +89,8 @@ def device_cells(projector: FourierProjector, rc: int):
     rc = int(rc)
     if not 1 <= rc <= projector.c:
         raise ValueError(f"cells radius must be in [1, {projector.c}]; got {rc}")
-    key = (id(projector), rc)
-    cells = _cells.get(key)
-    if cells is None:
+
+    def build():
         vol = device_volume(projector)
         n_cells = (2 * rc + 2) ** 2 * (rc + 2)
         cells = gpuarray.empty((n_cells, 16), dtype=np.float32)
@@ -93,9 +98,9 @@ def device_cells(projector: FourierProjector, rc: int):
             vol, np.int32(projector.c), np.int32(rc), cells,
             block=(_THREADS, 1, 1), grid=(-(-n_cells // _THREADS), 1),
         )  # fmt: skip
-        _cells[key] = cells
-        weakref.finalize(projector, _cells.pop, key, None)
-    return cells
+        return cells
+
+    return _per_projector(_cells, (id(projector), rc), projector, build)
 
 
 def device_pixels(n: int, r_max_px: float) -> tuple:

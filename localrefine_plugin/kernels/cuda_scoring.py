@@ -277,21 +277,22 @@ def launch_phase_table(y_g, sh_g, kx_g, ky_g, *, b, n_shift, npix, n, z_g) -> No
 
 
 def launch_score_tiles(
-    variant, projector, vol, rot_g, rs_g, kx_g, ky_g, w1_g, z_g, out_g,
+    variant, projector, rot_g, rs_g, kx_g, ky_g, w1_g, z_g, out_g,
     *, b, n_rot, n_shift, npix, n, r_max_px,
 ) -> None:  # fmt: skip
     """Kernel ``VARIANTS[variant]``: the scores (b, J, S) into ``out_g``.
 
     ``rs_g``: the per-rotation origins (b, J, 2), or None. ``r_max_px``: the
     largest pixel radius of ``kx_g, ky_g`` (cycles per box; the cells variants
-    read cells covering it, :func:`.cuda_projector.cells_radius`).
+    read cells covering it, :func:`.cuda_projector.cells_radius`). The volume
+    or its cells are the projector's cached device copies.
     """
     kernel, rot_tile, shift_tile, cells = VARIANTS[variant]
     if cells:
         rc = cells_radius(projector, r_max_px)
         head = (device_cells(projector, rc), np.int32(projector.c), np.int32(rc))
     else:
-        head = (vol, np.int32(projector.c))
+        head = (device_volume(projector), np.int32(projector.c))
     load_kernels("scoring.cu").get_function(kernel)(
         *head, np.float32(projector.padding),
         rot_g, np.intp(0) if rs_g is None else rs_g, np.int32(n),
@@ -328,7 +329,6 @@ class _ScoreLaunch:
         self.variant = variant_for(self.n_shift) if variant is None else variant
         self.projector = projector
         self.r_max_px = float(r_max_px)
-        self.vol = device_volume(projector)
         flat, mult, shell, self.kx_g, self.ky_g, _ = _pixels(n, r_max_px)
         self.npix = flat.size
         w1, y = fold_weights(images_f, ctf, inv_sigma2, flat, mult, shell)
@@ -350,7 +350,7 @@ class _ScoreLaunch:
     def scores(self):
         """Kernel ``score_tiles`` (or a variant); returns the (b, J, S) float32 GPUArray."""
         launch_score_tiles(
-            self.variant, self.projector, self.vol, self.rot_g, self.rs_g, self.kx_g,
+            self.variant, self.projector, self.rot_g, self.rs_g, self.kx_g,
             self.ky_g, self.w1_g, self.z_g, self.out_g, b=self.b, n_rot=self.n_rot,
             n_shift=self.n_shift, npix=self.npix, n=self.n, r_max_px=self.r_max_px,
         )  # fmt: skip

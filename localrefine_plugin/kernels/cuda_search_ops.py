@@ -292,7 +292,7 @@ class CudaBatchOps:
             rot_g, rs_g = poses(start, stop)
             e_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
             launch_score_tiles(
-                variant_for(n_shift), self.projector, self.vol, rot_g, rs_g,
+                variant_for(n_shift), self.projector, rot_g, rs_g,
                 self.kx_g, self.ky_g, w1_g, z_g, e_g,
                 b=b, n_rot=n_rot, n_shift=n_shift, npix=npix, n=self.n,
                 r_max_px=self.r_max,  # one set of cells serves every stage
