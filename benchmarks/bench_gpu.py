@@ -70,6 +70,7 @@ from localrefine_plugin.engine.geometry import (  # noqa: E402
     geodesic_angle_deg,
 )
 from localrefine_plugin.engine.projector import FourierProjector, forward_model  # noqa: E402
+from localrefine_plugin.engine.refine_options import RefineOptions  # noqa: E402
 from localrefine_plugin.engine.scoring import half_plane_pixels, score_poses  # noqa: E402
 from localrefine_plugin.engine.search import local_search  # noqa: E402
 
@@ -633,14 +634,17 @@ def report(results: dict, log) -> None:
             f"search {t_search / 60:.1f} min + insertion {t_insert / 60:.1f} min = "
             f"{(t_search + t_insert) / 60:.1f} min (image reading not included)"
         )
-        # an iteration transforms every image and computes its CTF in three
-        # passes: alignment, reconstruction, noise (engine/refine_loop.py)
+        # an iteration transforms every image and computes its CTF once, in the
+        # alignment pass (which also inserts), plus the noise pass's particles:
+        # at most RefineOptions.noise_particles per optics group (one group here)
         per_particle_ms = r["host_fft_ms_per_particle"] + r["host_ctf_ms_per_particle"]
-        prep = 3 * 1e6 * per_particle_ms / 1e3
+        n_noise = min(1e6, RefineOptions().noise_particles or 1e6)
+        prep = (1e6 + n_noise) * per_particle_ms / 1e3
         cores = os.cpu_count() or 1
         results["million_particles_box256_host_prep_core_s"] = prep
         log(
-            f"plus the host's image FFTs and CTFs in the three passes: {prep / 60:.1f} "
+            f"plus the host's image FFTs and CTFs (10^6 images, {n_noise:.0f} again for "
+            f"the noise): {prep / 60:.1f} "
             f"core-minutes, {prep / 60 / cores:.1f} min on this machine's {cores} cores "
             f"(ranks prepare their particles while others use the GPU)"
         )

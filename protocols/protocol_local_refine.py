@@ -265,6 +265,16 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
             expertLevel=params.LEVEL_ADVANCED,
             label="Particles per batch",
         )
+        form.addParam(
+            "noiseParticles",
+            params.IntParam,
+            default=20000,
+            expertLevel=params.LEVEL_ADVANCED,
+            label="Particles for the noise model",
+            help="Most particles per optics group whose residuals estimate the "
+            "noise power in each iteration (a fixed random draw); 0 = all. "
+            "20,000 fix it to a fraction of a percent.",
+        )
         form.addParallelSection(threads=1, mpi=1)
 
     # --------------------------- INSERT steps functions ---------------------
@@ -517,6 +527,7 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
             "--device": self._device(),
             "--threads": self.numberOfThreads.get(),
             "--batch-size": self.batchSize.get(),
+            "--noise-particles": self.noiseParticles.get(),
         }
         if self.usePosePrior.get():
             args["--prior-sigma-rotation"] = self.priorSigmaRotation.get()

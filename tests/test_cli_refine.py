@@ -37,7 +37,8 @@ def test_every_option_reaches_refine_options():
         "--max-iterations", "4", "--prior-sigma-rotation", "3", "--prior-sigma-shift", "2",
         "--dynamic-mask", "--dynamic-mask-threshold", "0.3", "--dynamic-mask-near", "4",
         "--dynamic-mask-far", "10", "--marginalize-top-k", "3", "--batch-size", "32",
-        "--threads", "2", "--device", "auto", "--continue", "--half-maps", "h1.mrc", "h2.mrc",
+        "--noise-particles", "5000", "--threads", "2", "--device", "auto", "--continue",
+        "--half-maps", "h1.mrc", "h2.mrc",
     )  # fmt: skip
     opts = options_from_args(args)
     assert opts == RefineOptions(
@@ -56,6 +57,7 @@ def test_every_option_reaches_refine_options():
         dynamic_mask_far_a=10.0,
         marginalize_top_k=3,
         batch_size=32,
+        noise_particles=5000,
         threads=2,
     )
     assert args.device == "auto" and args.continue_run is True

@@ -10,6 +10,7 @@ from localrefine_plugin.engine.noise import (
     Sigma2Accumulator,
     estimate_sigma2,
     inverse_sigma2_per_particle,
+    noise_subset,
 )
 
 
@@ -90,3 +91,17 @@ def test_bad_group_indices_raise():
         estimate_sigma2(
             np.ones((2, 16, 9), np.complex64), optics_groups=np.array([-1, 0])
         )
+
+
+def test_noise_subset_caps_each_optics_group_and_is_reproducible():
+    rows = np.repeat([0, 1, 2], [50, 7, 30])
+    keep = noise_subset(rows, 10, seed=3)
+    assert np.all(np.diff(keep) > 0)  # sorted, no repeats
+    counts = np.bincount(rows[keep], minlength=3)
+    assert counts.tolist() == [10, 7, 10]  # a group under the cap keeps every particle
+    np.testing.assert_array_equal(keep, noise_subset(rows, 10, seed=3))
+    assert not np.array_equal(keep, noise_subset(rows, 10, seed=4))
+    np.testing.assert_array_equal(noise_subset(rows, 0), np.arange(rows.size))
+    np.testing.assert_array_equal(noise_subset(rows, 50), np.arange(rows.size))
+    with pytest.raises(ValueError, match="cap"):
+        noise_subset(rows, -1)

@@ -470,6 +470,7 @@ def test_reference_pixel_size_mismatch_names_the_particles(small_data, tmp_path)
         ("rotation_extent_deg", 0.2, "finer than the alignment resolution"),
         ("dynamic_mask_far_a", 2.0, "must exceed"),
         ("marginalize_top_k", 0, ">= 1"),
+        ("noise_particles", -1, ">= 0"),
     ],
 )
 def test_bad_options_name_the_field_before_work(

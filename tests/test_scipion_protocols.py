@@ -429,10 +429,12 @@ class TestLocalRefineProtocols(BaseTest):
             priorSigmaRotation=5.0,
             priorSigmaShift=2.0,
             dynamicMask=True,
+            noiseParticles=5000,
         )
         line = prot._getArgsLine()
         for part in (
             "refine ",
+            "--noise-particles 5000",
             "--rotation-extent 4.0",
             "--shift-extent 1.5",
             "--fulcrum 1,-2,3.5",

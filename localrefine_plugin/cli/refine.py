@@ -221,6 +221,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="particles searched at once (default: %(default)s)",
     )
+    run.add_argument(
+        "--noise-particles",
+        type=int,
+        default=_DEFAULTS.noise_particles,
+        metavar="N",
+        help="most particles per optics group whose residuals estimate the noise "
+        "power in each iteration (a fixed seeded draw); 0 = all (default: "
+        "%(default)s)",
+    )
 
 
 def _lowpass_arg(text: str) -> float | str:
@@ -261,6 +270,7 @@ def options_from_args(args: argparse.Namespace) -> RefineOptions:
         dynamic_mask_far_a=args.dynamic_mask_far,
         marginalize_top_k=args.marginalize_top_k,
         batch_size=args.batch_size,
+        noise_particles=args.noise_particles,
         threads=args.threads,
     )
     options.validate()

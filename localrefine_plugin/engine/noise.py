@@ -34,7 +34,12 @@ import numpy as np
 
 from .fourier import shell_index_2d
 
-__all__ = ["Sigma2Accumulator", "estimate_sigma2", "inverse_sigma2_per_particle"]
+__all__ = [
+    "Sigma2Accumulator",
+    "estimate_sigma2",
+    "inverse_sigma2_per_particle",
+    "noise_subset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +255,36 @@ def inverse_sigma2_per_particle(
             f"got {groups.min()}..{groups.max()}"
         )
     return 1.0 / sigma2[groups]
+
+
+def noise_subset(optics_rows: np.ndarray, cap: int, *, seed: int = 0) -> np.ndarray:
+    """Sorted indices of the particles whose residuals estimate sigma^2.
+
+    sigma^2 has ``N//2 + 1`` values per optics group, each a mean over every
+    pixel of its shell in every image: tens of thousands of images fix it to
+    a fraction of a percent, so a large set need not be read for it.
+
+    Parameters
+    ----------
+    optics_rows : ndarray of int, shape (n,)
+        Optics group row of each particle (0-based).
+    cap : int
+        Most particles per optics group; a group with at most ``cap`` keeps
+        all of its particles, a larger one ``cap`` drawn without replacement.
+        ``0`` keeps every particle.
+    seed : int
+        Seed of the draw (the same subset in every iteration and on every rank).
+    """
+    rows = np.asarray(optics_rows).reshape(-1)
+    if cap < 0:
+        raise ValueError(f"cap must be >= 0; got {cap}")
+    if cap == 0:
+        return np.arange(rows.size)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for g in np.unique(rows):
+        members = np.flatnonzero(rows == g)
+        if members.size > cap:
+            members = rng.choice(members, size=cap, replace=False)
+        keep.append(members)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)

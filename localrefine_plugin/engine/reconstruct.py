@@ -32,6 +32,7 @@ from .fourier import image_to_fourier, shift_images_fourier
 
 __all__ = [
     "ctf_subset",
+    "insert_at_poses",
     "reconstruct_particles",
     "reconstruct_halves",
     "half_map_fsc",
@@ -48,6 +49,42 @@ def ctf_subset(ctf: CtfParams, indices: np.ndarray, n: int) -> CtfParams:
         if value.ndim >= 1 and value.shape[0] == n:
             changes[field.name] = value[indices]
     return dataclasses.replace(ctf, **changes)
+
+
+def insert_at_poses(
+    bp: BackProjector,
+    f_images: np.ndarray,
+    rotations: np.ndarray,
+    origins_px: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    ctf: np.ndarray | None = None,
+) -> None:
+    """Centre and insert ``m`` images at one pose each, or at ``k`` weighted poses each.
+
+    Parameters
+    ----------
+    bp : BackProjector
+        The accumulator (or its GPU twin).
+    f_images : ndarray, shape (m, N, N//2+1), complex
+        Image transforms (:func:`.fourier.image_to_fourier`), not yet centred.
+    rotations : ndarray, shape (m, 3, 3) or (m, k, 3, 3)
+        RELION matrices ``A``.
+    origins_px : ndarray, shape (m, 2) or (m, k, 2)
+        Origins ``(x, y)`` in pixels, RELION's sign: the content is shifted by
+        ``+origin`` before insertion (:func:`.fourier.shift_images_fourier`).
+    weights : ndarray, shape (m, k), optional
+        Pose weights for ``k`` poses per image (marginalisation); without
+        them, one pose per image with weight 1.
+    ctf : ndarray, shape (m, N, N//2+1), optional
+        CTF of each image (CTF-weighted insertion); ``None`` inserts without.
+    """
+    if weights is None:
+        bp.insert(shift_images_fourier(f_images, origins_px), rotations, ctf=ctf)
+        return
+    for j in range(np.shape(weights)[1]):
+        centred = shift_images_fourier(f_images, origins_px[:, j])
+        bp.insert(centred, rotations[:, j], ctf=ctf, weights=weights[:, j])
 
 
 def _check(particles, top_k_poses) -> None:
@@ -140,17 +177,14 @@ def reconstruct_particles(
             sel = np.flatnonzero(subset == half)
             if sel.size == 0:
                 continue
-            c = None if ctf is None else ctf[sel]
+            rows = idx[sel]
             if top_k_poses is None:
-                centred = shift_images_fourier(f[sel], particles.origin_px[idx[sel]])
-                halves[half - 1].insert(centred, rotations[idx[sel]], ctf=c)
+                poses = (rotations[rows], particles.origin_px[rows], None)
             else:
-                rot_k, orig_k, w_k = top_k_poses
-                for j in range(np.shape(w_k)[1]):
-                    centred = shift_images_fourier(f[sel], orig_k[idx[sel], j])
-                    halves[half - 1].insert(
-                        centred, rot_k[idx[sel], j], ctf=c, weights=w_k[idx[sel], j]
-                    )
+                poses = tuple(a[rows] for a in top_k_poses)
+            insert_at_poses(
+                halves[half - 1], f[sel], *poses, ctf=None if ctf is None else ctf[sel]
+            )
         done += idx.size
         elapsed = time.monotonic() - t0
         if elapsed >= next_report or done == idx_all.size:

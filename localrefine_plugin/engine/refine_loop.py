@@ -256,6 +256,8 @@ class RefinementLoop:
             r_max,
         )
         refs = (prev.half_maps * prev.mask).astype(np.float32)  # masked references
+        # filled during the alignment pass: the reconstruction reads no images
+        accumulators = steps.half_accumulators(inp.box, self.backend)
         aligned = steps.align_particles(
             inp.particles,
             refs,
@@ -270,11 +272,11 @@ class RefinementLoop:
             label=label,
             signal_radius_px=steps.signal_radius_px(prev.mask, self.fulcrum),
             comm=self.comm,
+            accumulators=accumulators,
         )
-        moved = self._with_poses(aligned.rotations, aligned.origins_px)
         rec = steps.reconstruct_and_compare(
-            moved, prev.mask, options=opt, alignment=aligned, comm=self.comm,
-            backend=self.backend,
+            inp.particles, prev.mask, options=opt, comm=self.comm,
+            accumulators=accumulators,
         )  # fmt: skip
         halves, full = rec.halves, rec.full
         res = rec.fsc.resolution_0143

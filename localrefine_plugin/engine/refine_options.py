@@ -55,6 +55,13 @@ class RefineOptions:
         inserted at its K best poses with posterior weights.
     batch_size : int
         Particles searched at once (memory versus speed).
+    noise_particles : int
+        Most particles per optics group whose residuals estimate the noise
+        power sigma^2 in each iteration (a seeded draw, the same in every
+        iteration; :func:`.noise.noise_subset`); 0 = all. Each optics group's
+        sigma^2 is a mean over every pixel of a shell in every image, so
+        20,000 images fix it to a fraction of a percent while a set of 10^6
+        is not read for it.
     threads : int
         Batches searched in parallel (Python threads; NumPy releases the GIL);
         CPU path only: the GPU path searches one batch at a time.
@@ -79,6 +86,7 @@ class RefineOptions:
     dynamic_mask_far_a: float = 14.0
     marginalize_top_k: int = 1
     batch_size: int = 128
+    noise_particles: int = 20000
     threads: int = 1
     fsc_threshold: float = 0.143
     seed: int = 0
@@ -177,7 +185,12 @@ class RefineOptions:
                 f"{far} A must exceed dynamic_mask_near_a ({near} A)",
                 "use e.g. near 6 A and far 14 A",
             )
-        for name, low in (("marginalize_top_k", 1), ("batch_size", 1), ("threads", 1)):
+        for name, low in (
+            ("marginalize_top_k", 1),
+            ("batch_size", 1),
+            ("noise_particles", 0),
+            ("threads", 1),
+        ):
             value = getattr(self, name)
             if int(value) != value or value < low:
                 raise bad(

@@ -2,9 +2,12 @@
 
 * :func:`align_particles` - the local search (``search.local_search``) of every
   particle against its own half set's masked reference, in batches, around the
-  consensus poses;
+  consensus poses; given the half sets' accumulators (:func:`half_accumulators`)
+  it also inserts each batch at its new poses while its images are in memory,
+  so the reconstruction needs no pass over the images of its own;
 * :func:`reconstruct_and_compare` - half-map reconstructions at the new poses
-  (``reconstruct.py``) and their masked, corrected FSC (``fsc.py``);
+  (``reconstruct.py``, or those accumulators) and their masked, corrected FSC
+  (``fsc.py``);
 * :func:`estimate_noise` - sigma^2 per optics group and shell (``noise.py``);
 * :func:`dynamic_mask` - the mask recomputed from the current map.
 
@@ -33,12 +36,14 @@ from .fourier import image_to_fourier
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
+from .reconstruct import insert_at_poses
 from .refine_device import Backend
 from .search_ops import search_threads
 
 __all__ = [
     "AlignmentResult",
     "align_particles",
+    "half_accumulators",
     "Reconstruction",
     "reconstruct_and_compare",
     "estimate_noise",
@@ -126,6 +131,7 @@ def align_particles(
     label: str,
     signal_radius_px: float | None = None,
     comm=None,
+    accumulators: tuple[BackProjector, BackProjector] | None = None,
 ) -> AlignmentResult:
     """Local search of every particle against its half set's masked reference.
 
@@ -155,9 +161,20 @@ def align_particles(
         search's bounds (:func:`signal_radius_px`).
     comm : SerialComm or MpiComm, optional
         Ranks sharing the batches (:mod:`.parallel`); default one process.
+    accumulators : (BackProjector, BackProjector), optional
+        Half sets 1 and 2 (:func:`half_accumulators`): each batch is inserted
+        into its half's accumulator at its new poses (the K best, weighted,
+        when marginalising) with its CTF, as
+        :func:`.reconstruct.reconstruct_particles` would insert it, right after
+        its search and from the same images. Not summed over the ranks here
+        (:func:`reconstruct_and_compare` does).
     """
     comm = SerialComm() if comm is None else comm
     n, px = particles.n, particles.pixel_size_a
+    if accumulators is not None and particles.ctf is None:
+        log.warning(
+            "no CTF in the particle set: images inserted without CTF correction"
+        )
     _, rows = group_rows(particles.optics_group)
     k = int(options.marginalize_top_k)
     prior_shift_px = (
@@ -209,13 +226,29 @@ def align_particles(
                 signal_radius_px=signal_radius_px,
                 shift_resolution_px=options.shift_resolution_px,
             )
-            return idx, result
+            return idx, result, images_f, ctf
 
         batches = shares[half]
         threads = search_threads(score_fn, options.threads)  # 1 on the GPU
         with ThreadPoolExecutor(max_workers=threads) as pool:
             results = pool.map(run, batches) if threads > 1 else map(run, batches)
-            for idx, res in results:  # in batch order, whatever the threads
+            for (
+                idx,
+                res,
+                images_f,
+                ctf,
+            ) in results:  # in batch order, whatever the threads
+                if accumulators is not None:  # one thread inserts, in batch order
+                    if k > 1:
+                        poses = (res.top_rotations, res.top_origins_px, res.top_weights)
+                    else:
+                        poses = (res.rotations, res.origins_px, None)
+                    insert_at_poses(
+                        accumulators[half - 1],
+                        images_f,
+                        *poses,
+                        ctf=None if particles.ctf is None else ctf,
+                    )
                 out.rotations[idx] = res.rotations
                 out.origins_px[idx] = res.origins_px
                 out.scores[idx] = res.scores
@@ -262,6 +295,19 @@ class Reconstruction:
     fsc: object
 
 
+def half_accumulators(
+    box: int, backend: Backend | None = None
+) -> tuple[BackProjector, BackProjector]:
+    """Empty accumulators of half sets 1 and 2 (box ``N`` pixels, padding 2, Nyquist).
+
+    The CPU :class:`.backprojector.BackProjector` or the ``backend``'s
+    (:class:`.refine_device.Backend`), as :func:`.reconstruct.reconstruct_particles`
+    makes them.
+    """
+    make = BackProjector if backend is None else backend.backprojector
+    return make(box, padding=2), make(box, padding=2)
+
+
 def reconstruct_and_compare(
     particles,
     mask: np.ndarray,
@@ -270,6 +316,7 @@ def reconstruct_and_compare(
     alignment: AlignmentResult | None = None,
     comm=None,
     backend: Backend | None = None,
+    accumulators: tuple[BackProjector, BackProjector] | None = None,
 ) -> Reconstruction:
     """Half maps, full map and masked FSC at the particles' current poses.
 
@@ -280,23 +327,29 @@ def reconstruct_and_compare(
     Under MPI (``comm``) each rank back-projects its share of the batches and
     the accumulators are summed over the ranks (:mod:`.parallel`). ``backend``
     (:class:`.refine_device.Backend`) chooses the accumulator (CPU or GPU).
+    ``accumulators``, filled by :func:`align_particles` (this rank's share),
+    replace that pass over the images; then ``alignment`` and ``backend`` are
+    not used.
     """
     comm = SerialComm() if comm is None else comm
-    top_k = None
-    if alignment is not None and options.marginalize_top_k > 1:
-        top_k = (
-            alignment.top_rotations,
-            alignment.top_origins_px,
-            alignment.top_weights,
+    if accumulators is None:
+        top_k = None
+        if alignment is not None and options.marginalize_top_k > 1:
+            top_k = (
+                alignment.top_rotations,
+                alignment.top_origins_px,
+                alignment.top_weights,
+            )
+        mine = comm.share(_batches(np.arange(particles.n), options.batch_size))
+        bp1, bp2 = reconstruct.reconstruct_particles(
+            particles,
+            batch_size=options.batch_size,
+            top_k_poses=top_k,
+            indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
+            backprojector=BackProjector if backend is None else backend.backprojector,
         )
-    mine = comm.share(_batches(np.arange(particles.n), options.batch_size))
-    bp1, bp2 = reconstruct.reconstruct_particles(
-        particles,
-        batch_size=options.batch_size,
-        top_k_poses=top_k,
-        indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
-        backprojector=BackProjector if backend is None else backend.backprojector,
-    )
+    else:
+        bp1, bp2 = accumulators
     for bp in (bp1, bp2):  # the same batches as one process, summed over ranks
         comm.allreduce_sum(bp.data)
         comm.allreduce_sum(bp.weight)
@@ -335,7 +388,9 @@ def estimate_noise(
 ) -> np.ndarray:
     """sigma^2 (n_groups, N//2+1) from the residuals against the masked references.
 
-    Each particle is compared with ``CTF * shift(projection)`` of its own half
+    Each particle of :func:`.noise.noise_subset` (at most
+    ``options.noise_particles`` per optics group; all when 0) is compared with
+    ``CTF * shift(projection)`` of its own half
     set's reference at the given pose (:func:`.projector.forward_model`); the
     residual power is accumulated per optics group and shell
     (:class:`.noise.Sigma2Accumulator`), summed over the MPI ranks (``comm``).
@@ -347,12 +402,22 @@ def estimate_noise(
     ids, rows = group_rows(particles.optics_group)
     acc = noise.Sigma2Accumulator(box, len(ids))
     subsets = np.asarray(particles.random_subset)
+    chosen = np.zeros(particles.n, dtype=bool)
+    chosen[noise.noise_subset(rows, options.noise_particles, seed=options.seed)] = True
+    if not chosen.all():
+        log.info(
+            "noise model from %d of %d particles (at most %d per optics group, "
+            "--noise-particles)",
+            chosen.sum(),
+            particles.n,
+            options.noise_particles,
+        )
     for half in (1, 2):
         projector = FourierProjector(references[half - 1], padding=2)
         if backend is not None:
             projector = backend.projector(projector)
         for idx in comm.share(
-            _batches(np.flatnonzero(subsets == half), options.batch_size)
+            _batches(np.flatnonzero((subsets == half) & chosen), options.batch_size)
         ):
             images_f = image_to_fourier(particles.load_images(idx))
             particles.release_pages()

@@ -1,0 +1,126 @@
+"""The refinement's steps composed as the refine loop composes them.
+
+The alignment pass inserts every batch at its new poses while its images are
+in memory (``align_particles(accumulators=...)``), so an iteration reads the
+images twice (alignment, noise) instead of three times. These tests check that
+those accumulators equal a separate reconstruction pass over the particles at
+the poses the alignment returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from localrefine_plugin.engine import mrc_io, refine_steps, scoring
+from localrefine_plugin.engine.geometry import geodesic_angle_deg, matrix_to_euler
+from localrefine_plugin.engine.particles import read_particles
+from localrefine_plugin.engine.refine import RefineOptions
+
+from .test_refine import BOX, make_dataset
+
+
+@pytest.mark.parametrize(("top_k", "threads"), [(1, 1), (3, 2)])
+def test_alignment_pass_inserts_as_a_reconstruction_pass_would(
+    tmp_path, top_k, threads
+):
+    data = make_dataset(
+        tmp_path / "data", n=24, snr=2.0, perturb_deg=3.0, perturb_px=1.0
+    )
+    particles = read_particles(data["star"])
+    mask, _ = mrc_io.read_map(data["mask"])
+    reference, _ = mrc_io.read_map(data["reference"])
+    refs = np.stack([reference * mask] * 2).astype(np.float32)
+    options = RefineOptions(batch_size=5, marginalize_top_k=top_k, threads=threads)
+    consensus = particles.matrices()
+    sigma2 = refine_steps.estimate_noise(
+        particles,
+        refs,
+        rotations=consensus,
+        origins_px=particles.origin_px,
+        options=options,
+    )
+    accumulators = refine_steps.half_accumulators(particles.box)
+    aligned = refine_steps.align_particles(
+        particles,
+        refs,
+        sigma2,
+        consensus_rotations=consensus,
+        consensus_origins_px=particles.origin_px,
+        fulcrum_px=np.zeros(3),
+        options=options,
+        r_max_px=BOX / 4,
+        score_fn=scoring.score_poses,
+        power_fn=scoring.weighted_projection_power,
+        label="test",
+        accumulators=accumulators,
+    )
+    # the poses moved, so inserting at the input poses would not pass
+    assert np.median(geodesic_angle_deg(aligned.rotations, consensus)) > 0.5
+    assert sum(bp.n_inserted for bp in accumulators) == top_k * particles.n
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the reconstruction read the images again")
+
+    fused_particles = read_particles(data["star"])
+    fused_particles.load_images = no_reading
+    fused = refine_steps.reconstruct_and_compare(
+        fused_particles, mask, options=options, accumulators=accumulators
+    )
+    moved = particles.with_poses(
+        *matrix_to_euler(aligned.rotations), aligned.origins_px
+    )
+    separate = refine_steps.reconstruct_and_compare(
+        moved, mask, options=options, alignment=aligned
+    )
+    scale = np.abs(separate.raw_halves).max()
+    np.testing.assert_allclose(
+        fused.raw_halves, separate.raw_halves, rtol=0, atol=1e-6 * scale
+    )
+    np.testing.assert_allclose(fused.full, separate.full, rtol=0, atol=1e-6 * scale)
+    assert fused.fsc.resolution_0143.value_a == pytest.approx(
+        separate.fsc.resolution_0143.value_a, rel=1e-6
+    )
+
+
+def test_noise_from_a_capped_subset_reads_only_that_subset(tmp_path):
+    data = make_dataset(tmp_path / "data", n=60, snr=2.0)
+    particles = read_particles(data["star"])
+    reference, _ = mrc_io.read_map(data["reference"])
+    refs = np.stack([reference] * 2).astype(np.float32)
+    read = []
+    load = particles.load_images
+
+    def counting(idx):
+        read.extend(np.asarray(idx).tolist())
+        return load(idx)
+
+    particles.load_images = counting
+    kwargs = dict(rotations=particles.matrices(), origins_px=particles.origin_px)
+    capped = refine_steps.estimate_noise(
+        particles,
+        refs,
+        options=RefineOptions(noise_particles=20, batch_size=7),
+        **kwargs,
+    )
+    chosen = sorted(read)
+    assert len(chosen) == 20 and len(set(chosen)) == 20  # one optics group, capped
+    # the same as estimating from exactly those particles ...
+    sub = read_particles(data["star"]).subset(np.array(chosen))
+    want = refine_steps.estimate_noise(
+        sub,
+        refs,
+        rotations=sub.matrices(),
+        origins_px=sub.origin_px,
+        options=RefineOptions(noise_particles=0),
+    )
+    np.testing.assert_allclose(capped, want, rtol=1e-6)
+    # ... and, averaged over shells 4-20, within sampling error of all 60
+    every = refine_steps.estimate_noise(
+        read_particles(data["star"]),
+        refs,
+        options=RefineOptions(noise_particles=0),
+        **kwargs,
+    )
+    ratio = capped[0, 4:21].mean() / every[0, 4:21].mean()
+    assert abs(ratio - 1) < 0.05
