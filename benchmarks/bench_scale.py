@@ -18,8 +18,11 @@ What it does:
    Nyquist (``--initial-lowpass`` = 2 pixels) and ``--max-iterations 1``, so the
    run is exactly one iteration; a narrow search (``--rotation-extent``,
    ``--alignment-resolution``, ``--shift-extent`` below) keeps it feasible on
-   2 CPU cores. One run streams the whole stack four times: the initial noise
-   estimate, the alignment, the back-projection and the noise estimate.
+   2 CPU cores. One run streams the whole stack once (the alignment, which
+   also back-projects) and, for the initial and the iteration's noise
+   estimates, at most ``--noise-particles`` (default 20,000) particles twice.
+   (Until the sixth session of 2026-11-28 it streamed the whole stack four
+   times: initial noise, alignment, back-projection, noise.)
 3. Prints, side by side: wall time, particles per second (``n`` / wall time of
    the whole command, start-up and outputs included) and memory:
 
@@ -64,6 +67,7 @@ from localrefine_plugin.engine.particles import (
     write_particles,
 )
 from localrefine_plugin.engine.projector import FourierProjector, forward_model
+from localrefine_plugin.engine.refine_options import RefineOptions
 
 PIXEL_A = 1.5
 LAUNCH = "import sys; from localrefine_plugin.cli import entry_point; sys.exit(entry_point())"
@@ -352,7 +356,8 @@ def main(argv=None) -> int:
         before = " ".join(f"{v:.1f}" for v in load_before)
         print(f"\nload average before the runs: {before}; after: {after}")
         print(
-            "one iteration (alignment at Nyquist, 4 streaming passes) over "
+            "one iteration (alignment at Nyquist with back-projection, noise from "
+            f"at most {RefineOptions().noise_particles} particles) over "
             f"{m} particles, box {args.box}:"
         )
         print(
