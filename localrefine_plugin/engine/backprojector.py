@@ -342,21 +342,34 @@ class BackProjector:
         )
 
     def _to_real_space(self, f3: np.ndarray) -> np.ndarray:
-        """Padded layout -> real map (N, N, N) float32 with the gridding correction."""
+        """Padded layout -> real map (N, N, N) float32 with the gridding correction.
+
+        The inverse transform of the padded ``(pN)^3`` grid, of which only the
+        central ``N^3`` voxels are kept, is done one axis at a time, keeping
+        the ``N`` wanted outputs after each axis (z, then y, then the real x):
+        the later axes transform ``1/p`` and ``1/p^2`` of the lines, 42 % less
+        work than the whole padded ``irfftn`` at ``p = 2``, with the same
+        values up to rounding.
+        """
         n, p, c = self.n, self.padding, self.c
         npad = p * n
-        full = np.zeros((npad, npad, npad // 2 + 1), dtype=np.complex128)
+        keep = fft_order_index(n, npad)
         blocks = axis_blocks(c, npad, drop_alias=True)
+        # z to FFT order (y stays in the layout's order), inverse, keep N planes
+        work = np.zeros((npad, f3.shape[1], c + 1), dtype=np.complex128)
         for fz, lz in blocks:
-            for fy, ly in blocks:
-                full[fz, fy, : c + 1] = f3[lz, ly, : c + 1]
-        padded = scipy.fft.irfftn(
-            full, s=(npad, npad, npad), workers=-1, overwrite_x=True
-        )
-        del full
-        idx = fft_order_index(n, npad)
-        vol = padded[np.ix_(idx, idx, idx)]
-        del padded
+            work[fz] = f3[lz, :, : c + 1]
+        work = scipy.fft.ifft(work, axis=0, workers=-1, overwrite_x=True)[keep]
+        # y to FFT order, inverse, keep N rows
+        rows = np.zeros((n, npad, c + 1), dtype=np.complex128)
+        for fy, ly in blocks:
+            rows[:, fy] = work[:, ly]
+        del work
+        rows = scipy.fft.ifft(rows, axis=1, workers=-1, overwrite_x=True)[:, keep]
+        # the Hermitian x axis: real output, keep N columns
+        vol = scipy.fft.irfft(rows, n=npad, axis=2, workers=-1, overwrite_x=True)
+        del rows
+        vol = vol[:, :, keep]
         g = gridding_correction_1d(n, p)
         vol /= g[:, None, None] * g[None, :, None] * g[None, None, :]
         return vol.astype(np.float32)
