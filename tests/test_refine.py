@@ -302,6 +302,8 @@ def test_outputs_are_complete_and_well_formed(exact_run):
             "median_rotation_change_deg",
             "median_shift_change_a",
         } <= set(rec)
+        steps = [rec[f"seconds_{s}"] for s in ("alignment", "reconstruction", "noise")]
+        assert min(steps) > 0 and sum(steps) == pytest.approx(rec["seconds"])
     assert summary["poses_evaluated_per_particle"] > 1
 
 

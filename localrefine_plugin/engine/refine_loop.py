@@ -274,12 +274,14 @@ class RefinementLoop:
             comm=self.comm,
             accumulators=accumulators,
         )
+        t_aligned = time.monotonic()
         rec = steps.reconstruct_and_compare(
             inp.particles, prev.mask, options=opt, comm=self.comm,
             accumulators=accumulators,
         )  # fmt: skip
         halves, full = rec.halves, rec.full
         res = rec.fsc.resolution_0143
+        t_reconstructed = time.monotonic()
         mask = prev.mask
         if opt.dynamic_mask:
             mask = steps.dynamic_mask(
@@ -303,6 +305,7 @@ class RefinementLoop:
         shift_change = np.linalg.norm(aligned.origins_px - prev.origins_px, axis=1)
         from_consensus = geodesic_angle_deg(aligned.rotations, self.consensus_rotations)
         at_edge = _fraction_at_extent(from_consensus, opt.rotation_extent_deg)
+        t_end = time.monotonic()
         record = {
             "iteration": it,
             "final": final,
@@ -315,7 +318,13 @@ class RefinementLoop:
             "median_rotation_from_consensus_deg": float(np.median(from_consensus)),
             "fraction_at_rotation_extent": at_edge,
             "poses_evaluated_per_particle": float(np.mean(aligned.poses_evaluated)),
-            "seconds": time.monotonic() - t0,
+            "seconds": t_end - t0,
+            # where the time went: the pass over the images that aligns and
+            # inserts, the maps and FSC from the accumulators, the noise pass
+            # (with the dynamic mask, when on)
+            "seconds_alignment": t_aligned - t0,
+            "seconds_reconstruction": t_reconstructed - t_aligned,
+            "seconds_noise": t_end - t_reconstructed,
         }
         state = dict(prev.state)
         state["history"] = [*prev.state["history"], record]
@@ -329,7 +338,8 @@ class RefinementLoop:
             state["r_max_px"] = _radius_px(res.value_a, inp.box, inp.pixel_size_a)
         log.info(
             "%s: resolution %s, median pose change %.3f deg / %.3f A, "
-            "%.2f deg from consensus, %.0f poses/particle, %.1f s",
+            "%.2f deg from consensus, %.0f poses/particle, %.1f s (alignment and "
+            "insertion %.1f s, maps and FSC %.1f s, noise %.1f s)",
             label,
             res,
             record["median_rotation_change_deg"],
@@ -337,6 +347,9 @@ class RefinementLoop:
             record["median_rotation_from_consensus_deg"],
             record["poses_evaluated_per_particle"],
             record["seconds"],
+            record["seconds_alignment"],
+            record["seconds_reconstruction"],
+            record["seconds_noise"],
         )
         if at_edge > EDGE_WARNING_FRACTION:
             log.warning(
