@@ -10,7 +10,8 @@
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
 #     typing_extensions, siphash24, mako, markupsafe, mrcfile.
 # Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
-# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, and ncu.txt (an
+# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, bench_iteration.txt and
+# .json (one whole iteration at box 256, where time is left), and ncu.txt (an
 # Nsight Compute profile of the scoring kernels, where ncu exists and time is left).
 # Time: ~1 min build on 16 cores, tests and benchmark capped by timeouts so the
 # whole script ends within ~8 minutes.
@@ -143,7 +144,19 @@ if [ $left -gt 40 ]; then
 else
     stamp "no time left for the refinement test"
 fi
-# -- 6. where the scoring kernels stand, by Nsight Compute (if present and time left)
+# -- 6. one whole iteration of the refine command at box 256 on the GPU (if time left):
+#       its steps' times and the 10^6-particle estimate made from them
+left=$((480 - ($(date +%s) - T0)))
+if [ $left -gt 60 ]; then
+    stamp "one iteration at box 256 (timeout $left s): bench_iteration.txt"
+    timeout $left $PY benchmarks/bench_iteration.py --device cuda --box 256 --n-particles 2000 \
+        --json "$OUTDIR/bench_iteration.json" > "$OUTDIR/bench_iteration.txt" 2>&1
+    stamp "bench_iteration exit $?"
+    tail -4 "$OUTDIR/bench_iteration.txt"
+else
+    stamp "no time left for the iteration benchmark"
+fi
+# -- 7. where the scoring kernels stand, by Nsight Compute (if present and time left)
 NCU=$(command -v ncu || ls "$CUDA_ROOT"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 left=$((500 - ($(date +%s) - T0)))
 if [ -n "$NCU" ] && [ $left -gt 45 ]; then
