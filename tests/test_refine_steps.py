@@ -124,3 +124,39 @@ def test_noise_from_a_capped_subset_reads_only_that_subset(tmp_path):
     )
     ratio = capped[0, 4:21].mean() / every[0, 4:21].mean()
     assert abs(ratio - 1) < 0.05
+
+
+def test_prefetched_prepares_the_next_item_while_this_one_is_worked_on():
+    import threading
+
+    started = [threading.Event() for _ in range(4)]
+    worker_threads = set()
+
+    def prepare(i):
+        worker_threads.add(threading.get_ident())
+        started[i].set()
+        return i, 10 * i
+
+    def work(i, v):
+        if i + 1 < len(started):  # the next item's preparation has begun meanwhile
+            assert started[i + 1].wait(timeout=10)
+        return i, v, threading.get_ident()
+
+    out = list(refine_steps.prefetched(prepare, work, [0, 1, 2, 3]))
+    assert [(i, v) for i, v, _ in out] == [(0, 0), (1, 10), (2, 20), (3, 30)]
+    assert {t for *_, t in out} == {threading.get_ident()}  # work on this thread
+    assert threading.get_ident() not in worker_threads  # prepare on another
+    assert list(refine_steps.prefetched(prepare, work, [])) == []
+
+
+def test_prefetched_raises_the_preparation_error_in_order():
+    def prepare(i):
+        if i == 1:
+            raise ValueError("bad stack")
+        return (i,)
+
+    got = []
+    with pytest.raises(ValueError, match="bad stack"):
+        for r in refine_steps.prefetched(prepare, lambda i: i, [0, 1, 2]):
+            got.append(r)
+    assert got == [0]

@@ -22,6 +22,7 @@ step, so every rank returns the same poses, maps and noise model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ __all__ = [
     "AlignmentResult",
     "align_particles",
     "half_accumulators",
+    "prefetched",
+    "read_batch",
     "Reconstruction",
     "reconstruct_and_compare",
     "estimate_noise",
@@ -103,6 +106,19 @@ def group_rows(optics_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, rows
 
 
+def read_batch(particles, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Transforms and CTFs of particles ``idx``, as every pass over the images needs them.
+
+    Returns ``(images_f, ctf)``, each (m, N, N//2+1): the images read from
+    their stacks (whose streamed pages are then dropped,
+    ``Particles.release_pages``) and transformed (:func:`.fourier.image_to_fourier`),
+    and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none).
+    """
+    images_f = image_to_fourier(particles.load_images(idx))
+    particles.release_pages()
+    return images_f, _ctf_images(particles, idx)
+
+
 def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
     """CTF (m, N, N//2+1) of particles ``idx`` (ones when the set has no CTF)."""
     box = particles.box
@@ -110,6 +126,22 @@ def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
         return np.ones((idx.size, box, box // 2 + 1), dtype=np.float32)
     sub = reconstruct.ctf_subset(particles.ctf, idx, particles.n)
     return ctf_2d(sub, box, particles.pixel_size_a)
+
+
+def prefetched(prepare: Callable, work: Callable, items: list) -> Iterator:
+    """``work(*prepare(item))`` for each item, in order, with ``prepare`` of the
+    next item running in a second thread while ``work`` runs on this one.
+
+    So a batch's reading, FFTs and CTFs (NumPy and SciPy release the GIL) overlap
+    the previous batch's search; results and their order are those of the plain
+    loop. ``work`` stays on the calling thread (the GPU's context lives there).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(prepare, items[0]) if items else None
+        for i in range(len(items)):
+            ready = ahead.result()
+            ahead = pool.submit(prepare, items[i + 1]) if i + 1 < len(items) else None
+            yield work(*ready)
 
 
 def _batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -202,10 +234,10 @@ def align_particles(
     for half in (1, 2):
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
 
-        def run(idx: np.ndarray, projector=projector):
-            images_f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1)
-            particles.release_pages()
-            ctf = _ctf_images(particles, idx)  # (m, N, N//2+1)
+        def prepare(idx: np.ndarray):
+            return idx, *read_batch(particles, idx)
+
+        def align(idx, images_f, ctf, projector=projector):
             result = search.local_search(
                 projector,
                 images_f,
@@ -231,7 +263,10 @@ def align_particles(
         batches = shares[half]
         threads = search_threads(score_fn, options.threads)  # 1 on the GPU
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = pool.map(run, batches) if threads > 1 else map(run, batches)
+            if threads > 1:  # whole batches in parallel
+                results = pool.map(lambda idx: align(*prepare(idx)), batches)
+            else:  # the next batch is read and transformed while this one aligns
+                results = prefetched(prepare, align, batches)
             for (
                 idx,
                 res,
@@ -419,13 +454,9 @@ def estimate_noise(
         for idx in comm.share(
             _batches(np.flatnonzero((subsets == half) & chosen), options.batch_size)
         ):
-            images_f = image_to_fourier(particles.load_images(idx))
-            particles.release_pages()
+            images_f, ctf = read_batch(particles, idx)
             pred = forward_model(
-                projector,
-                rotations[idx],
-                origins_px=origins_px[idx],
-                ctf=_ctf_images(particles, idx),
+                projector, rotations[idx], origins_px=origins_px[idx], ctf=ctf
             )
             acc.add(images_f, predictions_f=pred, optics_groups=rows[idx])
     for total in (acc.sums, acc.counts, acc.image_sums):
