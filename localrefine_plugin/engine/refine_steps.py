@@ -267,13 +267,9 @@ def align_particles(
                 results = pool.map(lambda idx: align(*prepare(idx)), batches)
             else:  # the next batch is read and transformed while this one aligns
                 results = prefetched(prepare, align, batches)
-            for (
-                idx,
-                res,
-                images_f,
-                ctf,
-            ) in results:  # in batch order, whatever the threads
-                if accumulators is not None:  # one thread inserts, in batch order
+            # in batch order, whatever the threads; this thread alone inserts
+            for idx, res, images_f, ctf in results:
+                if accumulators is not None:
                     if k > 1:
                         poses = (res.top_rotations, res.top_origins_px, res.top_weights)
                     else:
