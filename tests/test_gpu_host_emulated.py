@@ -725,6 +725,7 @@ def test_cuda_backend_reconstructs_and_estimates_noise_like_the_cpu(
     sigma^2 equal the CPU backend's."""
     from localrefine_plugin.engine import mrc_io, refine_steps
     from localrefine_plugin.engine.particles import read_particles
+    from localrefine_plugin.engine.reconstruct import reconstruct_particles
     from localrefine_plugin.engine.refine_device import select_backend
     from localrefine_plugin.engine.refine_options import RefineOptions
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
@@ -741,7 +742,12 @@ def test_cuda_backend_reconstructs_and_estimates_noise_like_the_cpu(
     options = RefineOptions(batch_size=5)  # several batches
     rec = {
         b.name: refine_steps.reconstruct_and_compare(
-            particles, mask, options=options, backend=b
+            reconstruct_particles(
+                particles, batch_size=options.batch_size, backprojector=b.backprojector
+            ),
+            mask,
+            pixel_size_a=particles.pixel_size_a,
+            options=options,
         )
         for b in (cpu, gpu)
     }

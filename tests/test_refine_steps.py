@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from localrefine_plugin.engine import mrc_io, refine_steps, scoring
+from localrefine_plugin.engine import mrc_io, reconstruct, refine_steps, scoring
 from localrefine_plugin.engine.geometry import geodesic_angle_deg, matrix_to_euler
 from localrefine_plugin.engine.particles import read_particles
 from localrefine_plugin.engine.refine import RefineOptions
@@ -40,7 +40,7 @@ def test_alignment_pass_inserts_as_a_reconstruction_pass_would(
         origins_px=particles.origin_px,
         options=options,
     )
-    accumulators = refine_steps.half_accumulators(particles.box)
+    accumulators = reconstruct.half_set_accumulators(particles.box)
     aligned = refine_steps.align_particles(
         particles,
         refs,
@@ -59,19 +59,22 @@ def test_alignment_pass_inserts_as_a_reconstruction_pass_would(
     assert np.median(geodesic_angle_deg(aligned.rotations, consensus)) > 0.5
     assert sum(bp.n_inserted for bp in accumulators) == top_k * particles.n
 
-    def no_reading(*args, **kwargs):
-        raise AssertionError("the reconstruction read the images again")
-
-    fused_particles = read_particles(data["star"])
-    fused_particles.load_images = no_reading
+    px = particles.pixel_size_a
     fused = refine_steps.reconstruct_and_compare(
-        fused_particles, mask, options=options, accumulators=accumulators
+        accumulators, mask, pixel_size_a=px, options=options
     )
+    # a pass of its own over the images, at the poses the alignment returned
     moved = particles.with_poses(
         *matrix_to_euler(aligned.rotations), aligned.origins_px
     )
+    top = (aligned.top_rotations, aligned.top_origins_px, aligned.top_weights)
     separate = refine_steps.reconstruct_and_compare(
-        moved, mask, options=options, alignment=aligned
+        reconstruct.reconstruct_particles(
+            moved, batch_size=options.batch_size, top_k_poses=top if top_k > 1 else None
+        ),
+        mask,
+        pixel_size_a=px,
+        options=options,
     )
     scale = np.abs(separate.raw_halves).max()
     np.testing.assert_allclose(

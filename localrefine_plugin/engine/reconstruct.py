@@ -32,6 +32,7 @@ from .fourier import image_to_fourier, shift_images_fourier
 
 __all__ = [
     "ctf_subset",
+    "half_set_accumulators",
     "insert_at_poses",
     "reconstruct_particles",
     "reconstruct_halves",
@@ -49,6 +50,26 @@ def ctf_subset(ctf: CtfParams, indices: np.ndarray, n: int) -> CtfParams:
         if value.ndim >= 1 and value.shape[0] == n:
             changes[field.name] = value[indices]
     return dataclasses.replace(ctf, **changes)
+
+
+def half_set_accumulators(
+    box: int,
+    *,
+    padding: int = 2,
+    r_max_px: float | None = None,
+    backprojector: Callable[..., BackProjector] = BackProjector,
+) -> tuple[BackProjector, BackProjector]:
+    """Empty accumulators of half sets 1 and 2 (box ``N`` pixels).
+
+    ``backprojector(box, padding=, r_max_px=)`` makes each:
+    :class:`.backprojector.BackProjector` or its GPU twin
+    (``refine_device.Backend.backprojector``); ``r_max_px`` defaults to
+    Nyquist.
+    """
+    return (
+        backprojector(box, padding=padding, r_max_px=r_max_px),
+        backprojector(box, padding=padding, r_max_px=r_max_px),
+    )
 
 
 def insert_at_poses(
@@ -151,9 +172,8 @@ def reconstruct_particles(
     _check(particles, top_k_poses)
     n, box = particles.n, particles.box
     idx_all = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    halves = (
-        backprojector(box, padding=padding, r_max_px=r_max_px),
-        backprojector(box, padding=padding, r_max_px=r_max_px),
+    halves = half_set_accumulators(
+        box, padding=padding, r_max_px=r_max_px, backprojector=backprojector
     )
     rotations = particles.matrices() if top_k_poses is None else None
     use_ctf = apply_ctf and particles.ctf is not None

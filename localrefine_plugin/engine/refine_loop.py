@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import reconstruct
 from . import refine_steps as steps
 from .checkpoint import (
     Checkpoint,
@@ -257,7 +258,9 @@ class RefinementLoop:
         )
         refs = (prev.half_maps * prev.mask).astype(np.float32)  # masked references
         # filled during the alignment pass: the reconstruction reads no images
-        accumulators = steps.half_accumulators(inp.box, self.backend)
+        accumulators = reconstruct.half_set_accumulators(
+            inp.box, backprojector=self.backend.backprojector
+        )
         aligned = steps.align_particles(
             inp.particles,
             refs,
@@ -276,8 +279,8 @@ class RefinementLoop:
         )
         t_aligned = time.monotonic()
         rec = steps.reconstruct_and_compare(
-            inp.particles, prev.mask, options=opt, comm=self.comm,
-            accumulators=accumulators,
+            accumulators, prev.mask, pixel_size_a=inp.pixel_size_a, options=opt,
+            comm=self.comm,
         )  # fmt: skip
         halves, full = rec.halves, rec.full
         res = rec.fsc.resolution_0143

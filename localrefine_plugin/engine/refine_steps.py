@@ -2,12 +2,12 @@
 
 * :func:`align_particles` - the local search (``search.local_search``) of every
   particle against its own half set's masked reference, in batches, around the
-  consensus poses; given the half sets' accumulators (:func:`half_accumulators`)
-  it also inserts each batch at its new poses while its images are in memory,
-  so the reconstruction needs no pass over the images of its own;
-* :func:`reconstruct_and_compare` - half-map reconstructions at the new poses
-  (``reconstruct.py``, or those accumulators) and their masked, corrected FSC
-  (``fsc.py``);
+  consensus poses; given the half sets' accumulators
+  (:func:`.reconstruct.half_set_accumulators`) it also inserts each batch at its
+  new poses while its images are in memory, so the reconstruction needs no
+  pass over the images of its own;
+* :func:`reconstruct_and_compare` - half maps from those accumulators and
+  their masked, corrected FSC (``fsc.py``);
 * :func:`estimate_noise` - sigma^2 per optics group and shell (``noise.py``);
 * :func:`dynamic_mask` - the mask recomputed from the current map.
 
@@ -44,7 +44,6 @@ from .search_ops import search_threads
 __all__ = [
     "AlignmentResult",
     "align_particles",
-    "half_accumulators",
     "prefetched",
     "read_batch",
     "Reconstruction",
@@ -194,7 +193,7 @@ def align_particles(
     comm : SerialComm or MpiComm, optional
         Ranks sharing the batches (:mod:`.parallel`); default one process.
     accumulators : (BackProjector, BackProjector), optional
-        Half sets 1 and 2 (:func:`half_accumulators`): each batch is inserted
+        Half sets 1 and 2 (:func:`.reconstruct.half_set_accumulators`): each batch is inserted
         into its half's accumulator at its new poses (the K best, weighted,
         when marginalising) with its CTF, as
         :func:`.reconstruct.reconstruct_particles` would insert it, right after
@@ -326,61 +325,24 @@ class Reconstruction:
     fsc: object
 
 
-def half_accumulators(
-    box: int, backend: Backend | None = None
-) -> tuple[BackProjector, BackProjector]:
-    """Empty accumulators of half sets 1 and 2 (box ``N`` pixels, padding 2, Nyquist).
-
-    The CPU :class:`.backprojector.BackProjector` or the ``backend``'s
-    (:class:`.refine_device.Backend`), as :func:`.reconstruct.reconstruct_particles`
-    makes them.
-    """
-    make = BackProjector if backend is None else backend.backprojector
-    return make(box, padding=2), make(box, padding=2)
-
-
 def reconstruct_and_compare(
-    particles,
+    accumulators: tuple[BackProjector, BackProjector],
     mask: np.ndarray,
     *,
+    pixel_size_a: float,
     options,
-    alignment: AlignmentResult | None = None,
     comm=None,
-    backend: Backend | None = None,
-    accumulators: tuple[BackProjector, BackProjector] | None = None,
 ) -> Reconstruction:
-    """Half maps, full map and masked FSC at the particles' current poses.
+    """Half maps, full map and masked FSC from the half sets' accumulators.
 
-    Back-projection is :func:`.reconstruct.reconstruct_particles` (with the K
-    best poses and their weights when marginalising); the Wiener
-    regularisation is :meth:`.backprojector.BackProjector.reconstruct` with the
-    half-map FSC (:func:`.reconstruct.half_map_fsc`), as RELION does.
-    Under MPI (``comm``) each rank back-projects its share of the batches and
-    the accumulators are summed over the ranks (:mod:`.parallel`). ``backend``
-    (:class:`.refine_device.Backend`) chooses the accumulator (CPU or GPU).
-    ``accumulators``, filled by :func:`align_particles` (this rank's share),
-    replace that pass over the images; then ``alignment`` and ``backend`` are
-    not used.
+    ``accumulators`` hold this rank's insertions (:func:`align_particles`
+    fills them; or :func:`.reconstruct.reconstruct_particles`); under MPI
+    (``comm``) they are summed over the ranks first (:mod:`.parallel`). The
+    Wiener regularisation is :meth:`.backprojector.BackProjector.reconstruct`
+    with the half-map FSC (:func:`.reconstruct.half_map_fsc`), as RELION does.
     """
     comm = SerialComm() if comm is None else comm
-    if accumulators is None:
-        top_k = None
-        if alignment is not None and options.marginalize_top_k > 1:
-            top_k = (
-                alignment.top_rotations,
-                alignment.top_origins_px,
-                alignment.top_weights,
-            )
-        mine = comm.share(_batches(np.arange(particles.n), options.batch_size))
-        bp1, bp2 = reconstruct.reconstruct_particles(
-            particles,
-            batch_size=options.batch_size,
-            top_k_poses=top_k,
-            indices=np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64),
-            backprojector=BackProjector if backend is None else backend.backprojector,
-        )
-    else:
-        bp1, bp2 = accumulators
+    bp1, bp2 = accumulators
     for bp in (bp1, bp2):  # the same batches as one process, summed over ranks
         comm.allreduce_sum(bp.data)
         comm.allreduce_sum(bp.weight)
@@ -396,7 +358,7 @@ def reconstruct_and_compare(
         raw[0],
         raw[1],
         mask=mask,
-        pixel_size_a=particles.pixel_size_a,
+        pixel_size_a=pixel_size_a,
         seed=options.seed,
     )
     return Reconstruction(
