@@ -29,6 +29,7 @@ __all__ = [
     "fourier_to_image",
     "volume_to_fourier",
     "fourier_to_volume",
+    "frequency_axes_2d",
     "frequency_grid_2d",
     "radius_grid_2d",
     "shell_index_2d",
@@ -74,10 +75,15 @@ def fourier_to_volume(f: np.ndarray, n: int) -> np.ndarray:
     return vol.astype(real, copy=False)
 
 
+def frequency_axes_2d(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frequencies along the half-plane's axes, cycles per box: ``kx`` (N//2+1,)
+    (the last axis) and ``ky`` (N,) in FFT order (the second to last)."""
+    return np.arange(n // 2 + 1, dtype=np.float64), np.fft.fftfreq(n, d=1.0 / n)
+
+
 def frequency_grid_2d(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer frequencies ``(kx, ky)`` in cycles per box, each shaped (N, N//2+1)."""
-    kx = np.arange(n // 2 + 1, dtype=np.float64)
-    ky = np.fft.fftfreq(n, d=1.0 / n)
+    kx, ky = frequency_axes_2d(n)
     ky_grid, kx_grid = np.meshgrid(ky, kx, indexing="ij")
     return kx_grid, ky_grid
 
@@ -126,8 +132,7 @@ def shift_phases_2d(n: int, shifts_px: np.ndarray, dtype=np.complex128) -> np.nd
         N (N//2+1).
     """
     shifts_px = np.asarray(shifts_px, dtype=np.float64)
-    kx = np.arange(n // 2 + 1, dtype=np.float64)
-    ky = np.fft.fftfreq(n, d=1.0 / n)
+    kx, ky = frequency_axes_2d(n)
     ex = np.exp((-2j * np.pi / n) * (shifts_px[..., 0, None] * kx)).astype(dtype)
     ey = np.exp((-2j * np.pi / n) * (shifts_px[..., 1, None] * ky)).astype(dtype)
     return ey[..., :, None] * ex[..., None, :]  # (..., N, N//2+1)
