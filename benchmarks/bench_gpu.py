@@ -625,7 +625,7 @@ def report(results: dict, log) -> None:
         log(f"\n(search rate used below: {best}, {rates[best]:.4g} particles/s)")
         acc = max(
             ("float32", "float32x4"), key=lambda a: r[f"gpu_insert_{a}_per_s"]
-        )  # float32 accumulators: the faster layout
+        )  # the faster float32 layout (float64 is for checks)
         log(f"(insertion rate used below: {acc} accumulators)")
         t_insert = 1e6 / r[f"gpu_insert_{acc}_per_s"]
         results["million_particles_box256_s"] = t_search + t_insert

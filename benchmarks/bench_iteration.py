@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_scale import PIXEL_A, write_dataset  # noqa: E402
+from bench_scale import PIXEL_A, scratch_folder, write_dataset  # noqa: E402
 
 from localrefine_plugin.engine.refine import run_local_refinement  # noqa: E402
 from localrefine_plugin.engine.refine_options import RefineOptions  # noqa: E402
@@ -79,9 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lr_iteration_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_folder(args.workdir, "lr_iteration_") as workdir:
         t0 = time.perf_counter()
         star, reference, mask, _ = write_dataset(
             workdir, n=args.n_particles, box=args.box, distinct=args.distinct,
@@ -102,9 +98,6 @@ def main(argv=None) -> int:
         )
         wall = time.perf_counter() - t0
         summary = json.loads((out / "summary.json").read_text())
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     record = summary["per_iteration"][0]
     n = args.n_particles
     est = estimate(record, n, options.noise_particles)

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_scale import write_dataset  # noqa: E402
+from bench_scale import scratch_folder, write_dataset  # noqa: E402
 
 from localrefine_plugin.engine.particles import read_particles  # noqa: E402
 from localrefine_plugin.engine.refine_steps import prefetched, read_batch  # noqa: E402
@@ -75,16 +73,11 @@ def main(argv=None) -> int:
         "--workdir", help="folder for the data (default: a temporary one)"
     )
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lr_prefetch_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_folder(args.workdir, "lr_prefetch_") as workdir:
         star, *_ = write_dataset(
             workdir, n=args.n_particles, box=args.box, distinct=8, stacks=1, seed=0
         )
         r = measure(star, args.batch_size, args.device_ms_per_particle)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     d = args.device_ms_per_particle
     print(
         f"box {args.box}, {args.n_particles} particles in batches of {args.batch_size}, "

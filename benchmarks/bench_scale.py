@@ -43,6 +43,7 @@ on the machine slows every run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -89,6 +90,19 @@ def smooth_map(n: int, seed: int = 0) -> np.ndarray:
         ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2) < (0.3 * n) ** 2
     )
     return vol.astype(np.float32)
+
+
+@contextlib.contextmanager
+def scratch_folder(given: str | None, prefix: str):
+    """The folder ``given`` (made if missing, kept), or a temporary one removed
+    on leaving: where a benchmark writes its data."""
+    folder = Path(given or tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_dataset(
