@@ -19,8 +19,8 @@ second, the device-side time of the stand-in (NumPy on this CPU, for scale
 only), and the poses scored per particle (defaults of the search: 10 deg,
 3 px, 0.5 deg; radius 0.4 N; fulcrum off-centre); and, beside the search,
 the host time of the batch's CTFs (``engine.ctf.ctf_2d``, per-particle
-defoci), which an iteration computes once for the search and once for the
-insertion.
+defoci), which an iteration computes once, in the alignment pass that also
+inserts (and again for the noise pass's particles).
 """
 
 from __future__ import annotations
