@@ -504,9 +504,14 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     res["processes_sampler"] = sampler
     os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit it
     for k in count["processes"]:
-        rate, rot_k, org_k = search_in_processes(
-            k, "cuda", n, r_max, data, kw_p, batch_size=batch
-        )
+        try:  # a failure here is reported, and the rest of the benchmark still runs
+            rate, rot_k, org_k = search_in_processes(
+                k, "cuda", n, r_max, data, kw_p, batch_size=batch, timeout_s=120.0
+            )
+        except RuntimeError as exc:
+            res[f"processes{k}_error"] = str(exc)
+            log(f"  local search, {k} processes sharing the GPU: FAILED: {exc}")
+            continue
         res[f"gpu_particles_per_s_processes{k}"] = rate
         res[f"processes{k}_same_pose"] = same_poses(
             rot_k, org_k, ref.rotations, ref.origins_px
@@ -679,14 +684,19 @@ def main() -> int:
         f"{ARGS.cpu_threads} threads; numpy {np.__version__}")  # fmt: skip
     results = {"gpu": name, "peaks": peaks, "cpu_threads": ARGS.cpu_threads,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "boxes": []}  # fmt: skip
+
+    def save() -> None:  # after each box too: a run stopped by a timeout keeps those
+        if ARGS.json:
+            tmp = ARGS.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(results, fh, indent=1)
+            os.replace(tmp, ARGS.json)
+
     for n in ARGS.boxes:
         results["boxes"].append(bench_box(n, ARGS.quick, peaks, log))
+        save()
     report(results, log)
-    if ARGS.json:
-        tmp = ARGS.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(tmp, ARGS.json)
+    save()
     return 0
 
 

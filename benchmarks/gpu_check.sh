@@ -161,7 +161,7 @@ NCU=$(command -v ncu || ls "$CUDA_ROOT"/bin/ncu /opt/nvidia/nsight-compute/*/ncu
 left=$((500 - ($(date +%s) - T0)))
 if [ -n "$NCU" ] && [ $left -gt 45 ]; then
     stamp "Nsight Compute profile of the scoring kernels (timeout $left s): ncu.txt"
-    timeout $left "$NCU" -k regex:score_tiles --section SpeedOfLight \
+    timeout $left "$NCU" --clock-control none -k regex:score_tiles --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy \
         $PY benchmarks/profile_scoring.py --box 256 --variants s64 s64_cells \
         > "$OUTDIR/ncu.txt" 2>&1
