@@ -4,20 +4,31 @@
 #
 # Usage (repository root, on a machine with an NVIDIA GPU, nvcc, Python 3 with
 # numpy, and no package registry):
-#     bash benchmarks/gpu_check.sh OUTDIR
+#     bash benchmarks/gpu_check.sh OUTDIR [STEP ...]
+# STEPs (default all, in this order): tests bench refine iteration ncu.
+# Knobs: LR_BENCH_BOXES (bench_gpu's boxes, default "128 256"); LR_ITER_PARTICLES
+# (bench_iteration's particles at box 256, default 2000); LR_ITER_VARIANTS (scoring
+# kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
+# "j64_s64 j64_s64_cells"; default none); LR_NCU_VARIANTS (kernels profiled by ncu,
+# default "s64 s64_cells").
 #
 # Needs in .device/ (git-ignored; fill it where pip works, see docs/gpu.md):
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
 #     typing_extensions, siphash24, mako, markupsafe, mrcfile.
 # Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
-# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, bench_iteration.txt and
-# .json (one whole iteration at box 256, where time is left), and ncu.txt (an
-# Nsight Compute profile of the scoring kernels, where ncu exists and time is left).
-# Time: ~1 min build on 16 cores, tests and benchmark capped by timeouts so the
+# gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, bench_iteration.txt
+# (one whole iteration at box 256 where time is left, with its cProfile table and
+# the runs with LR_ITER_VARIANTS) and bench_iteration.json, and ncu.txt (an
+# Nsight Compute profile of the scoring kernels, where ncu exists and time is
+# left): 8 files, the most a device call brings back.
+# Time: ~25 s build on 16 cores, tests and benchmark capped by timeouts so the
 # whole script ends within ~8 minutes.
 set -u -o pipefail
 
-OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [STEP ...]}
+shift
+STEPS=" ${*:-tests bench refine iteration ncu} "
+want() { [[ $STEPS == *" $1 "* ]]; }
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 REPO=${LR_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -125,19 +136,26 @@ fi
 # -- 3. GPU tests (a missing GPU fails, never skips) --------------------------------
 export LOCALREFINE_REQUIRE=gpu
 export PYTHONUNBUFFERED=1
-stamp "GPU tests"
-timeout 240 $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu and not slow" \
-    -v -rs -s --durations=8 -W "ignore::DeprecationWarning" --junitxml="$OUTDIR/gpu_tests.xml" ||
-    status=5
+if want tests; then
+    stamp "GPU tests"
+    timeout 240 $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu and not slow" \
+        -v -rs -s --durations=8 -W "ignore::DeprecationWarning" --junitxml="$OUTDIR/gpu_tests.xml" ||
+        status=5
+fi
 
 # -- 4. GPU benchmark ----------------------------------------------------------------
-stamp "GPU benchmark"
-timeout 270 $PY benchmarks/bench_gpu.py --json "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/bench_gpu.txt" ||
-    status=6
+if want bench; then
+    stamp "GPU benchmark"
+    # shellcheck disable=SC2086  # the boxes are separate words
+    timeout 270 $PY benchmarks/bench_gpu.py --boxes ${LR_BENCH_BOXES:-128 256} \
+        --json "$OUTDIR/bench_gpu.json" | tee "$OUTDIR/bench_gpu.txt" || status=6
+fi
 
 # -- 5. the small full refinement, GPU against CPU (if time is left) ----------------
 left=$((470 - ($(date +%s) - T0)))
-if [ $left -gt 40 ]; then
+if ! want refine; then
+    :
+elif [ $left -gt 40 ]; then
     stamp "refinement test (timeout $left s)"
     timeout $left $PY -m pytest -p no:cacheprovider tests/test_gpu_kernels.py -m "gpu and slow" \
         -v -rs -s -W "ignore::DeprecationWarning" || status=7
@@ -145,25 +163,47 @@ else
     stamp "no time left for the refinement test"
 fi
 # -- 6. one whole iteration of the refine command at box 256 on the GPU (if time left):
-#       its steps' times and the 10^6-particle estimate made from them
-left=$((480 - ($(date +%s) - T0)))
-if [ $left -gt 60 ]; then
-    stamp "one iteration at box 256 (timeout $left s): bench_iteration.txt"
-    timeout $left $PY benchmarks/bench_iteration.py --device cuda --box 256 --n-particles 2000 \
-        --json "$OUTDIR/bench_iteration.json" > "$OUTDIR/bench_iteration.txt" 2>&1
+#       its steps' times and the 10^6-particle estimate made from them, its cProfile
+#       table, and the same iteration with each of LR_ITER_VARIANTS' kernels
+ITER=$OUTDIR/bench_iteration.txt
+iteration() {  # iteration LABEL [ARG ...]: one bench_iteration run into $ITER
+    local label=$1 left
+    shift
+    left=$((500 - ($(date +%s) - T0)))
+    if [ $left -le 60 ]; then
+        stamp "no time left for the iteration ($label)" | tee -a "$ITER"
+        return
+    fi
+    stamp "one iteration at box 256, $label (timeout $left s): bench_iteration.txt"
+    echo "=== $label" >> "$ITER"
+    timeout $left $PY benchmarks/bench_iteration.py --device cuda --box 256 \
+        --n-particles "${LR_ITER_PARTICLES:-2000}" "$@" >> "$ITER" 2>&1
     stamp "bench_iteration exit $?"
-    tail -4 "$OUTDIR/bench_iteration.txt"
-else
-    stamp "no time left for the iteration benchmark"
+    tail -4 "$ITER"
+}
+if want iteration; then
+    rm -f "$WORK/iteration_profile.txt"
+    iteration "default kernels" --json "$OUTDIR/bench_iteration.json" \
+        --profile "$WORK/iteration_profile.txt"
+    for variant in ${LR_ITER_VARIANTS:-}; do
+        export LOCALREFINE_SCORE_VARIANT=$variant
+        iteration "kernel $variant"
+    done
+    unset LOCALREFINE_SCORE_VARIANT
+    if [ -f "$WORK/iteration_profile.txt" ]; then
+        { echo "=== cProfile of the default run (main thread)"; cat "$WORK/iteration_profile.txt"; } >> "$ITER"
+    fi
 fi
 # -- 7. where the scoring kernels stand, by Nsight Compute (if present and time left)
 NCU=$(command -v ncu || ls "$CUDA_ROOT"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-left=$((500 - ($(date +%s) - T0)))
-if [ -n "$NCU" ] && [ $left -gt 45 ]; then
+left=$((520 - ($(date +%s) - T0)))
+if ! want ncu; then
+    :
+elif [ -n "$NCU" ] && [ $left -gt 45 ]; then
     stamp "Nsight Compute profile of the scoring kernels (timeout $left s): ncu.txt"
     timeout $left "$NCU" --clock-control none -k regex:score_tiles --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy \
-        $PY benchmarks/profile_scoring.py --box 256 --variants s64 s64_cells \
+        $PY benchmarks/profile_scoring.py --box 256 --variants ${LR_NCU_VARIANTS:-s64 s64_cells} \
         > "$OUTDIR/ncu.txt" 2>&1
     stamp "ncu exit $? ($(wc -l < "$OUTDIR/ncu.txt") lines)"
 else

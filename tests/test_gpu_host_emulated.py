@@ -347,6 +347,8 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_j64_s64_cells",
         "score_tiles_s64_occ4",
         "score_tiles_s64_cells_occ4",
+        "score_tiles_j64_s64_occ4",
+        "score_tiles_j64_s64_cells_occ4",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -523,7 +525,7 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     ("variant", "r_max"),
     [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
      ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
-     ("s64_cells_occ4", 7.0)],
+     ("s64_cells_occ4", 7.0), ("j64_s64_occ4", 7.0), ("j64_s64_cells_occ4", 7.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max
@@ -696,6 +698,52 @@ def test_bound_batch_reading_cells_scores_exactly_as_reading_the_volume(
     monkeypatch.setenv(SAMPLER_ENV, "texture")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_SAMPLER must be"):
         ops.score(rots, shifts, r_max_px=4.5, rotation_shifts_px=None)
+
+
+def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
+    fake_pycuda, rng, monkeypatch
+):
+    """`$LOCALREFINE_SCORE_VARIANT` (for measurements) puts one kernel variant
+    under every stage, whatever S (here 40 and 20 shifts), with the default
+    variants' scores to float32 rounding; an unknown variant is refused."""
+    from localrefine_plugin.kernels import cuda_search_ops
+    from localrefine_plugin.kernels.cuda_scoring import VARIANT_ENV, get_score_fn
+
+    n, m, n_rot = 20, 2, 70
+    proj = FourierProjector(blob_map(n, seed=10))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    x = forward_model(proj, a, ctf=ctf)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    used = []
+    launch = cuda_search_ops.launch_score_tiles
+
+    def spy(variant, *args, **kw):
+        used.append(variant)
+        return launch(variant, *args, **kw)
+
+    monkeypatch.setattr(cuda_search_ops, "launch_score_tiles", spy)
+    shifts = {s: rng.uniform(-3, 3, (m, s, 2)) for s in (40, 20)}
+    values = {}
+    for forced in ("", "j64_s64_cells_occ4"):
+        monkeypatch.setenv(VARIANT_ENV, forced)
+        ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
+        for n_shift in (40, 20):
+            grid = ops.score(
+                rots, shifts[n_shift], r_max_px=8.0, rotation_shifts_px=None
+            )
+            values[forced, n_shift] = grid.values(
+                np.zeros((m, n_rot)), np.zeros((m, n_shift))
+            )
+    assert used == ["s64", "s32", "j64_s64_cells_occ4", "j64_s64_cells_occ4"]
+    for n_shift in (40, 20):
+        want = values["", n_shift]
+        got = values["j64_s64_cells_occ4", n_shift]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    monkeypatch.setenv(VARIANT_ENV, "s128")
+    with pytest.raises(ValueError, match="LOCALREFINE_SCORE_VARIANT must be one of"):
+        ops.score(rots, shifts[40], r_max_px=8.0, rotation_shifts_px=None)
 
 
 def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(

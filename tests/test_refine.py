@@ -304,6 +304,9 @@ def test_outputs_are_complete_and_well_formed(exact_run):
         } <= set(rec)
         steps = [rec[f"seconds_{s}"] for s in ("alignment", "reconstruction", "noise")]
         assert min(steps) > 0 and sum(steps) == pytest.approx(rec["seconds"])
+        # the passes' fixed parts (the references' transforms) lie within them
+        assert 0 < rec["seconds_alignment_setup"] < rec["seconds_alignment"]
+        assert 0 < rec["seconds_noise_setup"] < rec["seconds_noise"]
     assert summary["poses_evaluated_per_particle"] > 1
 
 

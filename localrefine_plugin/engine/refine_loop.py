@@ -295,6 +295,7 @@ class RefinementLoop:
                 near_a=opt.dynamic_mask_near_a,
                 far_a=opt.dynamic_mask_far_a,
             )
+        noise_timings: dict = {}
         sigma2 = steps.estimate_noise(
             inp.particles,
             halves * mask,
@@ -303,6 +304,7 @@ class RefinementLoop:
             options=opt,
             comm=self.comm,
             backend=self.backend,
+            timings=noise_timings,
         )
         rot_change = geodesic_angle_deg(aligned.rotations, prev.rotations)
         shift_change = np.linalg.norm(aligned.origins_px - prev.origins_px, axis=1)
@@ -326,8 +328,10 @@ class RefinementLoop:
             # inserts, the maps and FSC from the accumulators, the noise pass
             # (with the dynamic mask, when on)
             "seconds_alignment": t_aligned - t0,
+            "seconds_alignment_setup": aligned.seconds_setup,  # references' transforms
             "seconds_reconstruction": t_reconstructed - t_aligned,
             "seconds_noise": t_end - t_reconstructed,
+            "seconds_noise_setup": noise_timings["setup"],  # references' transforms
         }
         state = dict(prev.state)
         state["history"] = [*prev.state["history"], record]

@@ -55,12 +55,18 @@ VARIANTS = {
     # s64 with 4 blocks per SM (64 registers) instead of 2 (104)
     "s64_occ4": ("score_tiles_s64_occ4", 32, 64, False),
     "s64_cells_occ4": ("score_tiles_s64_cells_occ4", 32, 64, True),
+    # j64_s64 with 4 blocks per SM (64 registers) instead of 3 (76)
+    "j64_s64_occ4": ("score_tiles_j64_s64_occ4", 64, 64, False),
+    "j64_s64_cells_occ4": ("score_tiles_j64_s64_cells_occ4", 64, 64, True),
 }
 #: environment variable choosing where the scoring kernels read the slices:
 #: "volume" (default: the padded volume, 8 scattered corners per sample) or
 #: "cells" (``cuda_projector.device_cells``: 2 aligned sectors per sample, 8x
 #: the memory within the search radius); benchmarks/bench_gpu.py measures both
 SAMPLER_ENV = "LOCALREFINE_SCORE_SAMPLER"
+#: environment variable naming one ``VARIANTS`` kernel for every stage of the
+#: search, whatever S and the sampler (for measurements: benchmarks/bench_iteration.py)
+VARIANT_ENV = "LOCALREFINE_SCORE_VARIANT"
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -251,8 +257,16 @@ def variant_for(n_shift: int) -> str:
     """The scoring kernel variant of ``VARIANTS`` the host uses for S shifts.
 
     ``s32`` for S <= 32, else ``s64``; with ``$LOCALREFINE_SCORE_SAMPLER=cells``
-    ``s64_cells`` for every S (no 32-shift tile reads cells).
+    ``s64_cells`` for every S (no 32-shift tile reads cells);
+    ``$LOCALREFINE_SCORE_VARIANT``, when set, for every S.
     """
+    forced = os.environ.get(VARIANT_ENV)
+    if forced:
+        if forced not in VARIANTS:
+            raise ValueError(
+                f"${VARIANT_ENV} must be one of {', '.join(VARIANTS)}; got {forced!r}"
+            )
+        return forced
     sampler = os.environ.get(SAMPLER_ENV, "volume")
     if sampler == "cells":
         return "s64_cells"
