@@ -822,18 +822,33 @@ def test_cuda_backend_reconstructs_and_estimates_noise_like_the_cpu(
 
 
 @pytest.mark.slow
-def test_refinement_with_the_cuda_backend_equals_the_cpu_one(fake_pycuda, tmp_path):
+def test_refinement_with_the_cuda_backend_equals_the_cpu_one(
+    fake_pycuda, tmp_path, monkeypatch
+):
     """`run_local_refinement(device="cuda")` end to end on the emulated GPU
     (search, insertion and noise pass on the "device"; about 40 s): the CPU
-    run's poses, and its resolution within 1 %."""
+    run's poses, and its resolution within 1 %. The GPU searches each read
+    batch whole, the CPU a few particles at a time."""
+    from localrefine_plugin.engine import search
     from localrefine_plugin.engine.refine import RefineOptions, run_local_refinement
+    from localrefine_plugin.engine.search_ops import CPU_SEARCH_BATCH
 
     from .test_refine import FAST, make_dataset, read_poses
 
+    searched = []  # (particles read, particles searched together) per batch
+    real_search = search.local_search
+
+    def spy(projector, images_f, *args, **kw):
+        searched.append((images_f.shape[0], kw["batch_size"]))
+        return real_search(projector, images_f, *args, **kw)
+
+    monkeypatch.setattr(search, "local_search", spy)
     data = make_dataset(tmp_path / "data", n=6, snr=2.0, perturb_deg=1.0)
     options = RefineOptions(**dict(FAST, rotation_extent_deg=1.5, batch_size=4))
-    runs = {
-        device: run_local_refinement(
+    runs, searched_by = {}, {}
+    for device in ("cpu", "cuda"):
+        searched.clear()
+        runs[device] = run_local_refinement(
             data["star"],
             data["reference"],
             data["mask"],
@@ -841,8 +856,9 @@ def test_refinement_with_the_cuda_backend_equals_the_cpu_one(fake_pycuda, tmp_pa
             options=options,
             device=device,
         )  # fmt: skip
-        for device in ("cpu", "cuda")
-    }
+        searched_by[device] = list(searched)
+    assert {b for _, b in searched_by["cpu"]} == {CPU_SEARCH_BATCH}
+    assert searched_by["cuda"] and all(b == m for m, b in searched_by["cuda"])
     launched = {
         name for module in fake_pycuda["modules"].values()
         for name, _, _ in module.launches

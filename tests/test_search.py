@@ -533,3 +533,45 @@ def test_threads_give_the_same_result(rng):
     np.testing.assert_array_equal(one.scores, two.scores)
     np.testing.assert_array_equal(one.n_evaluated, two.n_evaluated)
     assert np.median(geodesic_angle_deg(one.rotations, rot)) < 1.5
+
+
+def test_the_poses_do_not_depend_on_how_many_particles_are_searched_together(rng):
+    """The GPU searches a whole read batch at once, the CPU 8 particles at a
+    time (``search_ops.search_batch_size``): each particle's cells, bounds and
+    caps are its own, so batches of 1, 4 and all 6 give the same poses."""
+    n, m = 40, 6
+    projector, rot, orig, ctf, images_f, inv_sigma2 = _simulate(n, m, 0.5, rng)
+    fulcrum = np.array([2.0, 1.0, -1.0])
+    cons, cons_orig, _, _ = _perturb(rng, rot, orig, fulcrum, 2.0, 0.5)
+    kw = dict(
+        consensus_rotations=cons,
+        consensus_origins_px=cons_orig,
+        fulcrum_px=fulcrum,
+        rotation_extent_deg=4.0,
+        shift_extent_px=1.0,
+        alignment_resolution_deg=1.0,
+        r_max_px=12.0,
+        top_k=2,
+    )
+    runs = [
+        local_search(projector, images_f, ctf, inv_sigma2, batch_size=b, **kw)
+        for b in (1, 4, 6)
+    ]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.rotations, runs[0].rotations)
+        np.testing.assert_array_equal(other.origins_px, runs[0].origins_px)
+        np.testing.assert_allclose(other.scores, runs[0].scores, rtol=1e-12)
+        np.testing.assert_array_equal(other.n_evaluated, runs[0].n_evaluated)
+        np.testing.assert_allclose(other.top_weights, runs[0].top_weights, rtol=1e-9)
+
+
+def test_search_batch_size_is_the_read_batch_on_the_gpu_only():
+    from localrefine_plugin.engine.search_ops import CPU_SEARCH_BATCH, search_batch_size
+
+    class DeviceScore:  # a score_fn that binds batches, as the GPU's does
+        def bind_batch(self, *args, **kw):
+            raise AssertionError("not called")
+
+    assert search_batch_size(DeviceScore(), 128) == 128
+    assert search_batch_size(DeviceScore(), 0) == 1
+    assert search_batch_size(lambda *a, **k: None, 128) == CPU_SEARCH_BATCH

@@ -40,7 +40,7 @@ from .progress import Progress
 from .projector import FourierProjector, forward_model
 from .reconstruct import insert_at_poses
 from .refine_device import Backend
-from .search_ops import search_threads
+from .search_ops import search_batch_size, search_threads
 
 __all__ = [
     "AlignmentResult",
@@ -263,6 +263,7 @@ def align_particles(
                 power_fn=power_fn,
                 signal_radius_px=signal_radius_px,
                 shift_resolution_px=options.shift_resolution_px,
+                batch_size=search_batch_size(score_fn, idx.size),
             )
             return idx, result, images_f, ctf
 

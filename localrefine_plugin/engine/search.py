@@ -115,7 +115,7 @@ from .local_grid import (
     vector_norm,
 )
 from .scoring import half_plane_pixels, score_poses, weighted_projection_power
-from .search_ops import batch_ops, search_threads
+from .search_ops import CPU_SEARCH_BATCH, batch_ops, search_threads
 
 __all__ = [
     "SearchResult",
@@ -337,7 +337,7 @@ def local_search(
     max_rotation_cells: int | None = 16,
     max_shift_cells: int | None = 8,
     prescreen: bool = True,
-    batch_size: int = 8,
+    batch_size: int = CPU_SEARCH_BATCH,
     threads: int = 1,
 ) -> SearchResult:
     """Best pose of each particle near its consensus pose (branch and bound).
@@ -393,7 +393,8 @@ def local_search(
     prescreen : bool
         Pre-screen the leaves at half the radius (module docstring).
     batch_size : int
-        Particles scored together.
+        Particles scored together (:func:`.search_ops.search_batch_size`:
+        the whole read batch on the GPU).
     threads : int
         Batches searched in parallel (Python threads; NumPy releases the GIL
         in the projections and products). The result does not depend on it.

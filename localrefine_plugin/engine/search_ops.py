@@ -171,6 +171,25 @@ def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max
     return ops
 
 
+#: particles a CPU search scores together (``search.local_search``'s default):
+#: its stages hold J x P complex projections per particle (about 0.2 GB at box
+#: 256 and Nyquist), so a few particles at a time
+CPU_SEARCH_BATCH = 8
+
+
+def search_batch_size(score_fn, batch: int) -> int:
+    """Particles searched together out of a batch of ``batch`` read ones.
+
+    A ``score_fn`` with ``bind_batch`` (the GPU's) takes the whole batch: one
+    upload and one launch per stage for all of them (the GPU's rate grows
+    with the batch: ``benchmarks/bench_gpu.py``); the CPU's takes
+    :data:`CPU_SEARCH_BATCH` at a time. The poses do not depend on it.
+    """
+    if hasattr(score_fn, "bind_batch"):
+        return max(1, int(batch))
+    return CPU_SEARCH_BATCH
+
+
 def search_threads(score_fn, threads: int) -> int:
     """Threads to search batches with: ``threads``, or 1 for a device ``score_fn``.
 
