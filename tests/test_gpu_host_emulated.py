@@ -347,8 +347,6 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_j64_s64_cells",
         "score_tiles_s64_occ4",
         "score_tiles_s64_cells_occ4",
-        "score_tiles_j64_s64_occ4",
-        "score_tiles_j64_s64_cells_occ4",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -525,7 +523,7 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     ("variant", "r_max"),
     [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
      ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
-     ("s64_cells_occ4", 7.0), ("j64_s64_occ4", 7.0), ("j64_s64_cells_occ4", 7.0)],
+     ("s64_cells_occ4", 7.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max
@@ -726,7 +724,7 @@ def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
     monkeypatch.setattr(cuda_search_ops, "launch_score_tiles", spy)
     shifts = {s: rng.uniform(-3, 3, (m, s, 2)) for s in (40, 20)}
     values = {}
-    for forced in ("", "j64_s64_cells_occ4"):
+    for forced in ("", "j64_s64_cells"):
         monkeypatch.setenv(VARIANT_ENV, forced)
         ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
         for n_shift in (40, 20):
@@ -736,10 +734,10 @@ def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
             values[forced, n_shift] = grid.values(
                 np.zeros((m, n_rot)), np.zeros((m, n_shift))
             )
-    assert used == ["s64", "s32", "j64_s64_cells_occ4", "j64_s64_cells_occ4"]
+    assert used == ["s64", "s32", "j64_s64_cells", "j64_s64_cells"]
     for n_shift in (40, 20):
         want = values["", n_shift]
-        got = values["j64_s64_cells_occ4", n_shift]
+        got = values["j64_s64_cells", n_shift]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     monkeypatch.setenv(VARIANT_ENV, "s128")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_VARIANT must be one of"):

@@ -257,29 +257,3 @@ score_tiles_s64_cells_occ4(const float4* __restrict__ cells, int c, int rc, floa
     lr_score_tiles<32, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J,
                                  kx, ky, w1, z, S, npix, out);
 }
-
-// The j64_s64 tiles with at least 4 blocks per SM: ptxas keeps them in 64
-// registers without spills (76 for j64_s64, which fits 3 blocks), so 32 warps
-// are resident instead of 24. Measured by benchmarks/bench_gpu.py.
-extern "C" __global__ void __launch_bounds__(LR_THREADS, 4)
-score_tiles_j64_s64_occ4(const float2* __restrict__ vol, int c, float padding,
-                         const float* __restrict__ rot, const float* __restrict__ rshift, int n,
-                         float sign, int m, int J, const float* __restrict__ kx,
-                         const float* __restrict__ ky, const float* __restrict__ w1,
-                         const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
-    if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<64, 64, false>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m, J, kx,
-                                  ky, w1, z, S, npix, out);
-}
-
-extern "C" __global__ void __launch_bounds__(LR_THREADS, 4)
-score_tiles_j64_s64_cells_occ4(const float4* __restrict__ cells, int c, int rc, float padding,
-                               const float* __restrict__ rot, const float* __restrict__ rshift,
-                               int n, float sign, int m, int J, const float* __restrict__ kx,
-                               const float* __restrict__ ky, const float* __restrict__ w1,
-                               const float2* __restrict__ z, int S, int npix,
-                               float* __restrict__ out) {
-    if (blockIdx.z >= (unsigned)m) return;
-    lr_score_tiles<64, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J,
-                                 kx, ky, w1, z, S, npix, out);
-}
