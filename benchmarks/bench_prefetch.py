@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_prefetch.py [--box 256] [--n-particles 1024]
-        [--batch-size 128] [--device-ms-per-particle 1.0]
+        [--batch-size 128] [--device-ms-per-particle 0.5] [--workers 1 2]
 
 On the GPU path a batch's host preparation (``refine_steps.read_batch``: read
 the images, FFT them, compute their CTFs) used to run between the device's
@@ -13,8 +13,11 @@ thread meanwhile. This benchmark needs no GPU: it writes a stack
 by a stand-in for the device's work (``time.sleep`` of the given milliseconds
 per particle: the host waiting on the GPU with the GIL released, as PyCUDA
 waits), once in turn (as before) and once prefetched, and the preparation
-alone. The default 1.0 ms per particle is about the H100's search time at box
-256 (run 3: 842 particles/s, its host work included).
+alone. The default 0.5 ms per particle is about the H200's search time at box
+256 in batches of 128 (bench_gpu.py, seventh session: 2077 particles/s, its
+host work included). Each of ``--workers`` is a number of threads preparing
+a batch (``read_batch(workers=)``: the refine command's ``--threads`` on the
+GPU path).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from localrefine_plugin.engine.particles import read_particles  # noqa: E402
 from localrefine_plugin.engine.refine_steps import prefetched, read_batch  # noqa: E402
 
 
-def measure(star: Path, batch_size: int, device_ms: float) -> dict:
-    """Milliseconds per particle: preparation alone, in turn with the stand-in
-    device work, and prefetched."""
+def measure(star: Path, batch_size: int, device_ms: float, workers: int = 1) -> dict:
+    """Milliseconds per particle: preparation alone (``workers`` threads per
+    batch), in turn with the stand-in device work, and prefetched."""
     particles = read_particles(star)
     batches = [
         list(range(i, min(i + batch_size, particles.n)))
@@ -44,7 +47,7 @@ def measure(star: Path, batch_size: int, device_ms: float) -> dict:
     ]
 
     def prepare(idx):
-        return (len(idx), *read_batch(particles, idx))
+        return (len(idx), *read_batch(particles, idx, workers=workers))
 
     def device(m, images_f, ctf):
         time.sleep(m * device_ms / 1e3)
@@ -68,26 +71,35 @@ def main(argv=None) -> int:
     parser.add_argument("--box", type=int, default=256)
     parser.add_argument("--n-particles", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device-ms-per-particle", type=float, default=1.0)
+    parser.add_argument("--device-ms-per-particle", type=float, default=0.5)
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2],
+        help="threads preparing each batch, one measurement per value",
+    )  # fmt: skip
     parser.add_argument(
         "--workdir", help="folder for the data (default: a temporary one)"
     )
     args = parser.parse_args(argv)
+    d = args.device_ms_per_particle
+    print(
+        f"box {args.box}, {args.n_particles} particles in batches of {args.batch_size}, "
+        f"stand-in device work {d:.2f} ms/particle; ms per particle:"
+    )
     with scratch_folder(args.workdir, "lr_prefetch_") as workdir:
         star, *_ = write_dataset(
             workdir, n=args.n_particles, box=args.box, distinct=8, stacks=1, seed=0
         )
-        r = measure(star, args.batch_size, args.device_ms_per_particle)
-    d = args.device_ms_per_particle
-    print(
-        f"box {args.box}, {args.n_particles} particles in batches of {args.batch_size}, "
-        f"stand-in device work {d:.2f} ms/particle; ms per particle:\n"
-        f"  preparation alone (read, FFT, CTF) {r['prepare_only']:.3f}\n"
-        f"  in turn with the device (before)   {r['in_turn']:.3f}\n"
-        f"  prefetched (now)                   {r['prefetched']:.3f}"
-        f"  ({r['in_turn'] / r['prefetched']:.2f}x; the floor is "
-        f"max({r['prepare_only']:.3f}, {d:.3f}))"
-    )
+        for workers in args.workers:
+            r = measure(star, args.batch_size, d, workers)
+            print(
+                f"  {workers} preparing thread(s):\n"
+                f"    preparation alone (read, FFT, CTF) {r['prepare_only']:.3f}\n"
+                f"    in turn with the device            {r['in_turn']:.3f}\n"
+                f"    prefetched                         {r['prefetched']:.3f}"
+                f"  ({r['in_turn'] / r['prefetched']:.2f}x; the floor is "
+                f"max({r['prepare_only']:.3f}, {d:.3f}))",
+                flush=True,
+            )
     return 0
 
 

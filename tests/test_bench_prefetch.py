@@ -15,4 +15,5 @@ def test_prefetch_benchmark_reports_three_rates(benchmark_module, tmp_path, caps
     )
     out = capsys.readouterr().out
     for label in ("preparation alone", "in turn with the device", "prefetched"):
-        assert label in out
+        assert out.count(label) == 2  # one block per --workers value (1 and 2)
+    assert "1 preparing thread(s)" in out and "2 preparing thread(s)" in out

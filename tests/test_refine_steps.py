@@ -129,6 +129,22 @@ def test_noise_from_a_capped_subset_reads_only_that_subset(tmp_path):
     assert abs(ratio - 1) < 0.05
 
 
+def test_read_batch_in_threads_gives_the_same_transforms_and_ctfs(tmp_path):
+    """``read_batch(workers=k)`` (the GPU path's preparation with --threads k)
+    splits the FFTs and CTFs over k threads: the same arrays, in the same
+    order, as one thread, also with more workers than particles."""
+    data = make_dataset(tmp_path / "data", n=10, snr=2.0)
+    particles = read_particles(data["star"])
+    idx = np.array([7, 2, 9, 0, 4])
+    images_f, ctf = refine_steps.read_batch(particles, idx)
+    assert images_f.shape == ctf.shape == (5, BOX, BOX // 2 + 1)
+    for workers in (2, 3, 8):
+        got_f, got_ctf = refine_steps.read_batch(particles, idx, workers=workers)
+        assert got_f.dtype == images_f.dtype and got_ctf.dtype == ctf.dtype
+        np.testing.assert_array_equal(got_f, images_f)
+        np.testing.assert_array_equal(got_ctf, ctf)
+
+
 def test_prefetched_prepares_the_next_item_while_this_one_is_worked_on():
     import threading
 

@@ -211,8 +211,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULTS.threads,
         metavar="N",
-        help="batches searched in parallel on the CPU path; the GPU path searches "
-        "one batch at a time (default: %(default)s)",
+        help="CPU path: batches searched in parallel; GPU path (one batch searched "
+        "at a time): threads preparing the next batch (reading, FFTs, CTFs) "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "--batch-size",

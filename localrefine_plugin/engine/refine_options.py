@@ -63,8 +63,10 @@ class RefineOptions:
         20,000 images fix it to a fraction of a percent while a set of 10^6
         is not read for it.
     threads : int
-        Batches searched in parallel (Python threads; NumPy releases the GIL);
-        CPU path only: the GPU path searches one batch at a time.
+        CPU path: batches searched in parallel (Python threads; NumPy
+        releases the GIL). GPU path, which searches one batch at a time:
+        threads reading, transforming and computing the CTFs of the next
+        batch meanwhile. Both: threads of the noise pass's FFTs and CTFs.
     fsc_threshold : float
         FSC value defining the resolution (gold standard: 0.143).
     seed : int

@@ -110,17 +110,31 @@ def group_rows(optics_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, rows
 
 
-def read_batch(particles, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_batch(
+    particles, idx: np.ndarray, *, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Transforms and CTFs of particles ``idx``, as every pass over the images needs them.
 
     Returns ``(images_f, ctf)``, each (m, N, N//2+1): the images read from
     their stacks (whose streamed pages are then dropped,
     ``Particles.release_pages``) and transformed (:func:`.fourier.image_to_fourier`),
     and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none).
+    ``workers`` > 1 splits the transforms and CTFs over that many threads
+    (SciPy's FFTs and NumPy release the GIL); the values do not depend on it.
     """
-    images_f = image_to_fourier(particles.load_images(idx))
+    idx = np.asarray(idx)
+    images = particles.load_images(idx)
     particles.release_pages()
-    return images_f, _ctf_images(particles, idx)
+    parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
+    if len(parts) == 1:
+        return image_to_fourier(images), _ctf_images(particles, idx)
+
+    def one(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return image_to_fourier(images[rows]), _ctf_images(particles, idx[rows])
+
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        done = list(pool.map(one, parts))
+    return np.concatenate([f for f, _ in done]), np.concatenate([c for _, c in done])
 
 
 def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
@@ -235,13 +249,18 @@ def align_particles(
         for half in (1, 2)
     }
     progress = Progress(sum(b.size for h in (1, 2) for b in shares[h]), label, log)
+    threads = search_threads(score_fn, options.threads)  # 1 on the GPU
+    # one batch searched at a time (the GPU's way, or --threads 1): the next
+    # batch is prepared meanwhile with --threads threads; batches searched in
+    # parallel (the CPU's --threads N) prepare their own in one thread each
+    prep_workers = int(options.threads) if threads == 1 else 1
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
         out.seconds_setup += time.monotonic() - t0
 
         def prepare(idx: np.ndarray):
-            return idx, *read_batch(particles, idx)
+            return idx, *read_batch(particles, idx, workers=prep_workers)
 
         def align(idx, images_f, ctf, projector=projector):
             result = search.local_search(
@@ -268,7 +287,6 @@ def align_particles(
             return idx, result, images_f, ctf
 
         batches = shares[half]
-        threads = search_threads(score_fn, options.threads)  # 1 on the GPU
         with ThreadPoolExecutor(max_workers=threads) as pool:
             if threads > 1:  # whole batches in parallel
                 results = pool.map(lambda idx: align(*prepare(idx)), batches)
@@ -426,7 +444,7 @@ def estimate_noise(
         for idx in comm.share(
             _batches(np.flatnonzero((subsets == half) & chosen), options.batch_size)
         ):
-            images_f, ctf = read_batch(particles, idx)
+            images_f, ctf = read_batch(particles, idx, workers=options.threads)
             pred = forward_model(
                 projector, rotations[idx], origins_px=origins_px[idx], ctf=ctf
             )

@@ -199,8 +199,8 @@ def search_threads(score_fn, threads: int) -> int:
     threads = int(threads)
     if threads > 1 and hasattr(score_fn, "bind_batch"):
         log.info(
-            "GPU search: batches searched one at a time in one thread "
-            "(--threads %d applies to the CPU path)",
+            "GPU search: batches searched one at a time in one thread; "
+            "--threads %d prepare the next batch (reading, FFTs, CTFs)",
             threads,
         )
         return 1
