@@ -105,3 +105,34 @@ def test_noise_subset_caps_each_optics_group_and_is_reproducible():
     np.testing.assert_array_equal(noise_subset(rows, 50), np.arange(rows.size))
     with pytest.raises(ValueError, match="cap"):
         noise_subset(rows, -1)
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(16, np.complex64), (17, np.complex128)])
+def test_accumulator_sums_equal_a_pixel_by_pixel_reference(n, dtype, rng):
+    """Residual and image power per optics group and shell, and pixel counts,
+    against a direct loop over every half-plane pixel of every image (shell =
+    rounded radius, pixels beyond N//2 left out); groups 0 and 2 of 3 present."""
+    m, n_groups = 7, 3
+    shape = (m, n, n // 2 + 1)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    p = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+    groups = np.array([0, 2, 2, 0, 2, 0, 0])
+    acc = Sigma2Accumulator(n, n_groups)
+    acc.add(x, predictions_f=p, optics_groups=groups)
+    shells = n // 2 + 1
+    sums, image_sums, counts = (np.zeros((n_groups, shells)) for _ in range(3))
+    for i in range(m):
+        for ky in range(n):
+            for kx in range(n // 2 + 1):
+                fy = ky if ky <= n // 2 else ky - n  # FFT order
+                s = int(np.rint(np.hypot(kx, fy)))
+                if s >= shells:
+                    continue
+                xi, pi = complex(x[i, ky, kx]), complex(p[i, ky, kx])
+                sums[groups[i], s] += abs(xi - pi) ** 2
+                image_sums[groups[i], s] += abs(xi) ** 2
+                counts[groups[i], s] += 1
+    rtol = 1e-6 if dtype == np.complex64 else 1e-12
+    np.testing.assert_allclose(acc.sums, sums, rtol=rtol)
+    np.testing.assert_allclose(acc.image_sums, image_sums, rtol=rtol)
+    np.testing.assert_array_equal(acc.counts, counts)

@@ -99,9 +99,10 @@ class Sigma2Accumulator:
         self.sums = np.zeros((self.n_groups, shells))
         self.counts = np.zeros((self.n_groups, shells))
         self.image_sums = np.zeros((self.n_groups, shells))
-        shell = shell_index_2d(self.n).ravel()
-        self._inside = np.flatnonzero(shell < shells)
-        self._shell = shell[self._inside]
+        # every half-plane pixel's shell; pixels beyond N//2 go to a last,
+        # dropped bin (so that whole images are summed, without a gather)
+        self._shell = np.minimum(shell_index_2d(self.n).ravel(), shells)
+        self._pixels_per_shell = np.bincount(self._shell, minlength=shells + 1)[:shells]
 
     def add(
         self,
@@ -130,8 +131,8 @@ class Sigma2Accumulator:
             )
         m = images_f.shape[0]
         groups, _ = _group_indices(optics_groups, m, self.n_groups)
-        x = images_f.reshape(m, -1)[:, self._inside]
-        image_power = x.real.astype(np.float64) ** 2 + x.imag.astype(np.float64) ** 2
+        x = images_f.reshape(m, -1)
+        image_power = x.real**2 + x.imag**2  # (m, pixels), the images' precision
         if predictions_f is None:
             power = image_power
         else:
@@ -141,20 +142,17 @@ class Sigma2Accumulator:
                     f"predictions_f shape {predictions_f.shape} != images_f shape "
                     f"{images_f.shape}"
                 )
-            r = x.astype(np.complex128) - predictions_f.reshape(m, -1)[:, self._inside]
-            power = r.real**2 + r.imag**2  # (m, P)
-        nshell = self.n // 2 + 1
-        flat = groups[:, None] * nshell + self._shell[None, :]  # (m, P)
-        size = self.n_groups * nshell
-        self.sums += np.bincount(flat.ravel(), power.ravel(), size).reshape(
-            self.sums.shape
-        )
-        self.image_sums += np.bincount(flat.ravel(), image_power.ravel(), size).reshape(
-            self.sums.shape
-        )
-        self.counts += np.bincount(flat.ravel(), minlength=size).reshape(
-            self.sums.shape
-        )
+            r = x - predictions_f.reshape(m, -1)
+            power = r.real**2 + r.imag**2
+        shells = self.n // 2 + 1
+        present = np.unique(groups)
+        for g in present:
+            rows = slice(None) if present.size == 1 else groups == g  # no copy
+            # sum over the group's images first (in float64), then bin by shell once
+            for total, pw in ((self.sums, power), (self.image_sums, image_power)):
+                per_pixel = pw[rows].sum(axis=0, dtype=np.float64)
+                total[g] += np.bincount(self._shell, per_pixel, shells + 1)[:shells]
+            self.counts[g] += np.count_nonzero(groups == g) * self._pixels_per_shell
 
     def add_accumulator(self, other: Sigma2Accumulator) -> None:
         """Add another accumulator's sums (e.g. from another MPI rank)."""
