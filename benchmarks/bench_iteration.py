@@ -84,6 +84,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the refine command's --threads (GPU path: threads preparing the "
+        "next batch)",
+    )
+    parser.add_argument(
         "--workdir", help="folder for the data (default: a temporary one)"
     )
     parser.add_argument("--json", help="write the figures to this file")
@@ -107,7 +114,10 @@ def main(argv=None) -> int:
             flush=True,
         )
         options = RefineOptions(
-            initial_lowpass_a=2 * PIXEL_A, max_iterations=1, batch_size=args.batch_size
+            initial_lowpass_a=2 * PIXEL_A,
+            max_iterations=1,
+            batch_size=args.batch_size,
+            threads=args.threads,
         )
         out = workdir / "refine"
         profiler = cProfile.Profile() if args.profile else None
@@ -131,7 +141,8 @@ def main(argv=None) -> int:
     n = args.n_particles
     est = estimate(record, n, options.noise_particles)
     print(
-        f"\none iteration over {n} particles, box {args.box}, device {args.device} "
+        f"\none iteration over {n} particles, box {args.box}, device {args.device}, "
+        f"{args.threads} thread(s) "
         f"(default search, {record['poses_evaluated_per_particle']:.0f} poses/particle, "
         f"resolution {summary['resolution_A']:.2f} A):"
     )

@@ -7,7 +7,8 @@
 #     bash benchmarks/gpu_check.sh OUTDIR [STEP ...]
 # STEPs (default all, in this order): tests bench refine iteration ncu.
 # Knobs: LR_BENCH_BOXES (bench_gpu's boxes, default "128 256"); LR_ITER_PARTICLES
-# (bench_iteration's particles at box 256, default 2000); LR_ITER_VARIANTS (scoring
+# (bench_iteration's particles at box 256, default 3000); LR_ITER_THREADS (its
+# --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
 # "j64_s64 j64_s64_cells"; default none); LR_NCU_VARIANTS (kernels profiled by ncu,
 # default "s64 s64_cells").
@@ -177,7 +178,8 @@ iteration() {  # iteration LABEL [ARG ...]: one bench_iteration run into $ITER
     stamp "one iteration at box 256, $label (timeout $left s): bench_iteration.txt"
     echo "=== $label" >> "$ITER"
     timeout $left $PY benchmarks/bench_iteration.py --device cuda --box 256 \
-        --n-particles "${LR_ITER_PARTICLES:-2000}" "$@" >> "$ITER" 2>&1
+        --n-particles "${LR_ITER_PARTICLES:-3000}" --threads "${LR_ITER_THREADS:-8}" \
+        "$@" >> "$ITER" 2>&1
     stamp "bench_iteration exit $?"
     tail -4 "$ITER"
 }
