@@ -288,6 +288,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     )
     from localrefine_plugin.kernels.cuda_scoring import (
         SAMPLER_ENV,
+        VARIANT_ENV,
         VARIANTS,
         _power_cuda,
         _score_cuda,
@@ -422,6 +423,17 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         "bound_batch128_cells": dict(
             score_fn=score_fn, power_fn=power_fn, batch_size=batch, sampler="cells"
         ),
+        # the same with the 64 x 64 tiles at every stage ($LOCALREFINE_SCORE_VARIANT;
+        # faster alone than the default s64 / s32): not in the estimate below
+        "variant_j64_s64": dict(
+            score_fn=score_fn, power_fn=power_fn, batch_size=batch, variant="j64_s64"
+        ),
+        "variant_j64_s64_cells": dict(
+            score_fn=score_fn,
+            power_fn=power_fn,
+            batch_size=batch,
+            variant="j64_s64_cells",
+        ),  # fmt: skip
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -433,18 +445,24 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     for key, cfg in configs.items():
         cfg = dict(cfg)
         os.environ[SAMPLER_ENV] = cfg.pop("sampler", "volume")
+        os.environ[VARIANT_ENV] = cfg.pop("variant", "")
         local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
 
         def gpu_search(cfg=cfg, key=key):
             found[key] = local_search(proj, xs, cs, ss, **kw, **cfg)
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
-    os.environ[SAMPLER_ENV] = "volume"
+    os.environ[SAMPLER_ENV], os.environ[VARIANT_ENV] = "volume", ""
     res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
     cells, volume = found["bound_batch128_cells"], found["bound_batch128"]
     res["cells_same_pose"] = same_poses(
         cells.rotations, cells.origins_px, volume.rotations, volume.origins_px
     )
+    for v in ("j64_s64", "j64_s64_cells"):
+        got = found[f"variant_{v}"]
+        res[f"variant_{v}_same_pose"] = same_poses(
+            got.rotations, got.origins_px, volume.rotations, volume.origins_px
+        )
     profile = cProfile.Profile()
     profile.enable()
     local_search(proj, xs, cs, ss, **kw, **configs["bound"])
@@ -487,6 +505,15 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"{res['poses_per_particle']:.0f} poses/particle (GPU "
         f"{res['gpu_poses_per_particle']:.0f}); same best pose as the CPU for "
         f"{res['same_pose_as_cpu']} particles"
+    )
+    log(
+        "  local search, batches of 128, one kernel variant at every stage "
+        "($LOCALREFINE_SCORE_VARIANT): "
+        + "; ".join(
+            f"{v} {res[f'gpu_particles_per_s_variant_{v}']:.4g} particles/s (same pose "
+            f"as the default kernels for {res[f'variant_{v}_same_pose']})"
+            for v in ("j64_s64", "j64_s64_cells")
+        )
     )
 
     # -- K processes sharing the GPU, as `mpirun -np K` ranks on one GPU ----------------

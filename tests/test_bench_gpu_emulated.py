@@ -60,6 +60,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
 
     res = bench.bench_box(20, True, (66.9, 3.35), log)
     for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
+                "gpu_particles_per_s_variant_j64_s64",
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
                 "gpu_particles_per_s_processes2", "fp32_fraction",
                 "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
@@ -69,6 +70,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     )
     assert res["same_pose_as_cpu"] == "1 of 1"
     assert res["cells_same_pose"] == "2 of 2"
+    assert res["variant_j64_s64_same_pose"] == "2 of 2"
+    assert res["variant_j64_s64_cells_same_pose"] == "2 of 2"
     assert res["processes2_same_pose"] == "2 of 2"
     results = {"boxes": [dict(res, box=256)]}
     bench.report(results, log)

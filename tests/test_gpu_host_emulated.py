@@ -665,6 +665,19 @@ def test_bound_batch_scores_and_power_like_the_engine(fake_pycuda, rng, shared):
         )
 
 
+def _bound_batch_case(rng, *, seed: int, m: int, n_rot: int, n: int = 20):
+    """``m`` CTF-modulated projections of a blob map (box ``n``) with random
+    noise weights, and ``n_rot`` random candidate rotations per particle:
+    ``(projector, images_f, ctf, inv_sigma2, rotations)``."""
+    proj = FourierProjector(blob_map(n, seed=seed))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    x = forward_model(proj, a, ctf=ctf)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    return proj, x, ctf, inv_s2, rots
+
+
 def test_bound_batch_reading_cells_scores_exactly_as_reading_the_volume(
     fake_pycuda, rng, monkeypatch
 ):
@@ -674,13 +687,8 @@ def test_bound_batch_reading_cells_scores_exactly_as_reading_the_volume(
     from localrefine_plugin.kernels import cuda_projector
     from localrefine_plugin.kernels.cuda_scoring import SAMPLER_ENV, get_score_fn
 
-    n, m, n_rot, n_shift = 20, 2, 6, 40
-    proj = FourierProjector(blob_map(n, seed=9))
-    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
-    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
-    x = forward_model(proj, a, ctf=ctf)
-    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
-    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    m, n_rot, n_shift = 2, 6, 40
+    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=9, m=m, n_rot=n_rot)
     shifts = rng.uniform(-3, 3, (m, n_shift, 2))
     zeros_r, zeros_s = np.zeros((m, n_rot)), np.zeros((m, n_shift))
     grids = {}
@@ -707,13 +715,8 @@ def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
     from localrefine_plugin.kernels import cuda_search_ops
     from localrefine_plugin.kernels.cuda_scoring import VARIANT_ENV, get_score_fn
 
-    n, m, n_rot = 20, 2, 70
-    proj = FourierProjector(blob_map(n, seed=10))
-    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
-    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
-    x = forward_model(proj, a, ctf=ctf)
-    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
-    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    m, n_rot = 2, 70
+    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=10, m=m, n_rot=n_rot)
     used = []
     launch = cuda_search_ops.launch_score_tiles
 

@@ -511,7 +511,10 @@ def test_cauchy_schwarz_bound_prunes_less_and_finds_at_least_as_good(rng):
     assert np.all(rigorous.scores <= gauss.scores + 1e-9 * np.abs(gauss.scores).max())
 
 
-def test_threads_give_the_same_result(rng):
+def _six_particles_about_a_fulcrum(rng):
+    """Six particles (box 40) 2 deg / 0.5 px from their consensus poses about a
+    fulcrum off the centre: ``(projector, images_f, ctf, inv_sigma2, true
+    rotations, local_search keywords)``."""
     n, m = 40, 6
     projector, rot, orig, ctf, images_f, inv_sigma2 = _simulate(n, m, 0.5, rng)
     fulcrum = np.array([2.0, 1.0, -1.0])
@@ -524,8 +527,13 @@ def test_threads_give_the_same_result(rng):
         shift_extent_px=1.0,
         alignment_resolution_deg=1.0,
         r_max_px=12.0,
-        batch_size=2,
     )
+    return projector, images_f, ctf, inv_sigma2, rot, kw
+
+
+def test_threads_give_the_same_result(rng):
+    projector, images_f, ctf, inv_sigma2, rot, kw = _six_particles_about_a_fulcrum(rng)
+    kw["batch_size"] = 2
     one = local_search(projector, images_f, ctf, inv_sigma2, **kw)
     two = local_search(projector, images_f, ctf, inv_sigma2, threads=2, **kw)
     np.testing.assert_array_equal(one.rotations, two.rotations)
@@ -539,20 +547,8 @@ def test_the_poses_do_not_depend_on_how_many_particles_are_searched_together(rng
     """The GPU searches a whole read batch at once, the CPU 8 particles at a
     time (``search_ops.search_batch_size``): each particle's cells, bounds and
     caps are its own, so batches of 1, 4 and all 6 give the same poses."""
-    n, m = 40, 6
-    projector, rot, orig, ctf, images_f, inv_sigma2 = _simulate(n, m, 0.5, rng)
-    fulcrum = np.array([2.0, 1.0, -1.0])
-    cons, cons_orig, _, _ = _perturb(rng, rot, orig, fulcrum, 2.0, 0.5)
-    kw = dict(
-        consensus_rotations=cons,
-        consensus_origins_px=cons_orig,
-        fulcrum_px=fulcrum,
-        rotation_extent_deg=4.0,
-        shift_extent_px=1.0,
-        alignment_resolution_deg=1.0,
-        r_max_px=12.0,
-        top_k=2,
-    )
+    projector, images_f, ctf, inv_sigma2, _, kw = _six_particles_about_a_fulcrum(rng)
+    kw["top_k"] = 2
     runs = [
         local_search(projector, images_f, ctf, inv_sigma2, batch_size=b, **kw)
         for b in (1, 4, 6)
