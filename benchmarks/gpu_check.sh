@@ -11,7 +11,7 @@
 # --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
 # "j64_s64 j64_s64_cells"; default none); LR_NCU_VARIANTS (kernels profiled by ncu,
-# default "s64 s64_cells").
+# default "s64 s64_wide j64_s64_cells_wide", 64 particles at box 256).
 #
 # Needs in .device/ (git-ignored; fill it where pip works, see docs/gpu.md):
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
@@ -205,7 +205,8 @@ elif [ -n "$NCU" ] && [ $left -gt 45 ]; then
     stamp "Nsight Compute profile of the scoring kernels (timeout $left s): ncu.txt"
     timeout $left "$NCU" --clock-control none -k regex:score_tiles --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy \
-        $PY benchmarks/profile_scoring.py --box 256 --variants ${LR_NCU_VARIANTS:-s64 s64_cells} \
+        $PY benchmarks/profile_scoring.py --box 256 --particles 64 \
+        --variants ${LR_NCU_VARIANTS:-s64 s64_wide j64_s64_cells_wide} \
         > "$OUTDIR/ncu.txt" 2>&1
     stamp "ncu exit $? ($(wc -l < "$OUTDIR/ncu.txt") lines)"
 else

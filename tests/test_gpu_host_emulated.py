@@ -63,6 +63,7 @@ static std::barrier<>* emu_barrier;
 static float emu_shfl[1024];
 #define __global__
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __forceinline__ inline
 #define __host__
@@ -152,7 +153,7 @@ def _emulator(source: str, kernels: dict) -> ctypes.CDLL:
         src.write_text(SHIM + "\n" + source + "\n" + "\n".join(wrappers) + "\n")
         lib = _BUILD[0] / f"emu_{key}.so"
         proc = subprocess.run(
-            ["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
+            ["g++", "-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC",
              "-w", "-I", str(KERNEL_DIR), "-o", str(lib), str(src)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
@@ -347,6 +348,9 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_j64_s64_cells",
         "score_tiles_s64_occ4",
         "score_tiles_s64_cells_occ4",
+        "score_tiles_s64_wide",
+        "score_tiles_j64_s64_wide",
+        "score_tiles_j64_s64_cells_wide",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -523,7 +527,8 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     ("variant", "r_max"),
     [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
      ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
-     ("s64_cells_occ4", 7.0)],
+     ("s64_cells_occ4", 7.0), ("s64_wide", 7.0), ("j64_s64_wide", 7.0),
+     ("j64_s64_cells_wide", 7.0), ("j64_s64_cells_wide", 10.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max

@@ -252,9 +252,11 @@ def _stage_poses(rng, a_true, o_true, n_rot, n_shift):
 
 
 #: variants with the same arithmetic as another (cells: the same corners and
-#: sums; occ4: the same kernel body with more blocks per SM)
+#: sums; occ4: the same kernel body with more blocks per SM; wide: the same
+#: sums in the same order, other threads)
 TWINS = {"s64_cells": "s64", "j64_s64_cells": "j64_s64", "s64_occ4": "s64",
-         "s64_cells_occ4": "s64_cells"}  # fmt: skip
+         "s64_cells_occ4": "s64_cells", "s64_wide": "s64", "j64_s64_wide": "j64_s64",
+         "j64_s64_cells_wide": "j64_s64_cells"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -267,6 +269,9 @@ TWINS = {"s64_cells": "s64", "j64_s64_cells": "j64_s64", "s64_occ4": "s64",
         "j64_s64_cells",
         "s64_occ4",
         "s64_cells_occ4",
+        "s64_wide",
+        "j64_s64_wide",
+        "j64_s64_cells_wide",
     ],
 )
 def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):

@@ -55,6 +55,10 @@ VARIANTS = {
     # s64 with 4 blocks per SM (64 registers) instead of 2 (104)
     "s64_occ4": ("score_tiles_s64_occ4", 32, 64, False),
     "s64_cells_occ4": ("score_tiles_s64_cells_occ4", 32, 64, True),
+    # 16-byte shared-memory reads, 4 x 8 threads per warp (scoring.cu, WIDE)
+    "s64_wide": ("score_tiles_s64_wide", 32, 64, False),
+    "j64_s64_wide": ("score_tiles_j64_s64_wide", 64, 64, False),
+    "j64_s64_cells_wide": ("score_tiles_j64_s64_cells_wide", 64, 64, True),
 }
 #: environment variable choosing where the scoring kernels read the slices:
 #: "volume" (default: the padded volume, 8 scattered corners per sample) or

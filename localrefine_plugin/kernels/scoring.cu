@@ -44,6 +44,12 @@ extern "C" __global__ void phase_table(const float2* __restrict__ y,
     z[((size_t)i * S + s) * npix + p] = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
 }
 
+// WIDE mapping: the h-th of a thread's rotations (or shifts) in its tile,
+// for the thread's row (or column) r of 16: pairs 2 r + {0, 1}, then 32 further.
+__device__ __forceinline__ int lr_wide_index(int r, int h) {
+    return 2 * r + 32 * (h >> 1) + (h & 1);
+}
+
 // score[i, j, s] for a tile of TJ (32 or 64) rotations and TS (32 or 64)
 // shifts of particle i; each thread accumulates TJ/16 rotations x TS/16 shifts
 // in registers. grid: (ceil(J / TJ), ceil(S / TS), m); block: (16, 16).
@@ -52,7 +58,17 @@ extern "C" __global__ void phase_table(const float2* __restrict__ y,
 // w1: (m, npix); z: (m, S, npix); out: (m, J, S).
 // CELLS: the slices are read from the cells of radius rc (lr_sample_cells,
 // kernel build_cells) instead of the volume (vol; rc unused).
-template <int TJ, int TS, bool CELLS>
+// WIDE: the product's shared-memory reads are halved. Each thread owns pairs
+// of neighbouring rotations (2 row + 32 m + e, e = 0, 1) and shifts
+// (2 col + 32 m + e), read as one float4 each, and a warp covers 4 rows x 8
+// columns of threads instead of 2 x 16: per pixel a warp issues TJ/32 + TS/32
+// 16-byte loads, each 64-128 contiguous bytes (one shared-memory wavefront),
+// instead of TJ/16 + TS/16 8-byte ones. The rows of the shared tiles are
+// padded by 2 values (16-byte alignment) instead of 1, which costs a 4-way
+// bank conflict on the tiles' stores (once per pixel and rotation or shift,
+// against TJ/16 + TS/16 loads per pixel and thread). Each score is the same
+// sum in the same order as with the plain mapping.
+template <int TJ, int TS, bool CELLS, bool WIDE = false>
 __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
                                                const float4* __restrict__ cells, int c, int rc,
                                                float padding, const float* __restrict__ rot,
@@ -70,14 +86,18 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
     const int s0 = blockIdx.y * TS;
     if (i >= m || j0 >= J || s0 >= S) return;  // block-uniform guard
 
+    constexpr int PAD = WIDE ? 2 : 1;  // row padding (float2): 16-byte rows when WIDE
     __shared__ float rot_s[TJ][8];  // rows 0, 1 of A and the rotation's origin
-    __shared__ float2 p_s[LR_TP][TJ + 1];
-    __shared__ float2 z_s[LR_TP][TS + 1];
+    __shared__ __align__(16) float2 p_s[LR_TP][TJ + PAD];
+    __shared__ __align__(16) float2 z_s[LR_TP][TS + PAD];
     __shared__ float a_s[TJ];
 
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int t = ty * 16 + tx;
     const int lane = t & 31, warp = t >> 5;  // 8 warps
+    // this thread's row and column of the 16 x 16 output grid (see WIDE)
+    const int row = WIDE ? (warp >> 1) * 4 + (lane >> 3) : ty;
+    const int col = WIDE ? (warp & 1) * 8 + (lane & 7) : tx;
 
     for (int k = t; k < TJ * 6; k += LR_THREADS) {
         const int jj = k / 6, r = k - 6 * jj;
@@ -136,15 +156,38 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
         __syncthreads();
 #pragma unroll 8
         for (int pp = 0; pp < LR_TP; ++pp) {
-            float2 ph[NJ];
+            float2 ph[NJ], zs[NS];
 #pragma unroll
-            for (int h = 0; h < NJ; ++h) ph[h] = p_s[pp][ty + 16 * h];
+            for (int h = 0; h < NJ; ++h) {
+                if (WIDE) {
+                    if (h % 2 == 0) {
+                        const float4 v = *reinterpret_cast<const float4*>(
+                            &p_s[pp][lr_wide_index(row, h)]);
+                        ph[h] = make_float2(v.x, v.y);
+                        ph[h + 1] = make_float2(v.z, v.w);
+                    }
+                } else {
+                    ph[h] = p_s[pp][row + 16 * h];
+                }
+            }
 #pragma unroll
             for (int q = 0; q < NS; ++q) {
-                const float2 zq = z_s[pp][tx + 16 * q];
-#pragma unroll
-                for (int h = 0; h < NJ; ++h) acc[h][q] += ph[h].x * zq.x - ph[h].y * zq.y;
+                if (WIDE) {
+                    if (q % 2 == 0) {
+                        const float4 v = *reinterpret_cast<const float4*>(
+                            &z_s[pp][lr_wide_index(col, q)]);
+                        zs[q] = make_float2(v.x, v.y);
+                        zs[q + 1] = make_float2(v.z, v.w);
+                    }
+                } else {
+                    zs[q] = z_s[pp][col + 16 * q];
+                }
             }
+#pragma unroll
+            for (int q = 0; q < NS; ++q)
+#pragma unroll
+                for (int h = 0; h < NJ; ++h)
+                    acc[h][q] += ph[h].x * zs[q].x - ph[h].y * zs[q].y;
         }
         __syncthreads();
     }
@@ -160,11 +203,12 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
     float* outi = out + (size_t)i * J * S;
 #pragma unroll
     for (int h = 0; h < NJ; ++h) {
-        const int j = j0 + ty + 16 * h;
+        const int jj = WIDE ? lr_wide_index(row, h) : row + 16 * h;
+        const int j = j0 + jj;
 #pragma unroll
         for (int q = 0; q < NS; ++q) {
-            const int s = s0 + tx + 16 * q;
-            if (j < J && s < S) outi[(size_t)j * S + s] = a_s[ty + 16 * h] - acc[h][q];
+            const int s = s0 + (WIDE ? lr_wide_index(col, q) : col + 16 * q);
+            if (j < J && s < S) outi[(size_t)j * S + s] = a_s[jj] - acc[h][q];
         }
     }
 }
@@ -228,6 +272,42 @@ score_tiles_j64_s64_cells(const float4* __restrict__ cells, int c, int rc, float
     if (blockIdx.z >= (unsigned)m) return;
     lr_score_tiles<64, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J,
                                  kx, ky, w1, z, S, npix, out);
+}
+
+// The s64, j64_s64 and j64_s64_cells tiles with the WIDE mapping (16-byte
+// shared-memory reads, 4 x 8 threads per warp); measured by bench_gpu.py.
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64_wide(const float2* __restrict__ vol, int c, float padding,
+                     const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                     float sign, int m, int J, const float* __restrict__ kx,
+                     const float* __restrict__ ky, const float* __restrict__ w1,
+                     const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 64, false, true>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m,
+                                        J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 1)
+score_tiles_j64_s64_wide(const float2* __restrict__ vol, int c, float padding,
+                         const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                         float sign, int m, int J, const float* __restrict__ kx,
+                         const float* __restrict__ ky, const float* __restrict__ w1,
+                         const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64, 64, false, true>(vol, nullptr, c, 0, padding, rot, rshift, n, sign, m,
+                                        J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 1)
+score_tiles_j64_s64_cells_wide(const float4* __restrict__ cells, int c, int rc, float padding,
+                               const float* __restrict__ rot, const float* __restrict__ rshift,
+                               int n, float sign, int m, int J, const float* __restrict__ kx,
+                               const float* __restrict__ ky, const float* __restrict__ w1,
+                               const float2* __restrict__ z, int S, int npix,
+                               float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64, 64, true, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m,
+                                       J, kx, ky, w1, z, S, npix, out);
 }
 
 // The s64 tiles with at least 4 blocks per SM (__launch_bounds__ minimum 4:
