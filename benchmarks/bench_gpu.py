@@ -279,6 +279,41 @@ def search_in_processes(
     return rate, rot, org
 
 
+def upload_rates(n: int, cuda, m: int = 128) -> dict:
+    """GB/s of host-to-device copies of ``m`` complex64 images at box ``n``:
+    ``to_device`` from pageable memory (a device allocation each time, as the
+    code uploads), and ``memcpy_htod`` from a reused page-locked buffer, with the
+    host copy into that buffer timed apart. The page-locked figures only where
+    the driver module has ``pagelocked_empty`` (not on the CPU emulator)."""
+    from pycuda import gpuarray
+
+    from localrefine_plugin.kernels.backend import to_device
+
+    host = np.ones((m, n, n // 2 + 1), np.complex64)  # touched, contiguous
+    gb = host.nbytes / 1e9
+
+    def pageable():
+        to_device(host, np.complex64)
+        cuda.Context.synchronize()
+
+    pageable()
+    out = {"upload_pageable_gb_per_s": gb / timed(pageable, repeat=3)}
+    if hasattr(cuda, "pagelocked_empty") and hasattr(cuda, "memcpy_htod"):
+        pinned = cuda.pagelocked_empty(host.shape, host.dtype)
+        dev = gpuarray.empty(host.shape, host.dtype)
+
+        def from_pinned():
+            cuda.memcpy_htod(dev.gpudata, pinned)
+            cuda.Context.synchronize()
+
+        out["upload_host_copy_gb_per_s"] = gb / timed(
+            lambda: np.copyto(pinned, host), repeat=3
+        )
+        from_pinned()
+        out["upload_pinned_gb_per_s"] = gb / timed(from_pinned, repeat=3)
+    return out
+
+
 def bench_box(n: int, quick: bool, peaks, log) -> dict:
     import pycuda.driver as cuda
 
@@ -595,6 +630,17 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"images/s (of the GPU's {m_p / res['gpu_insert_float32_per_s']:.3f} s for "
         f"{m_p} images, uploading images and CTFs takes {res['gpu_insert_upload_s']:.3f} s)"
     )
+
+    # -- host-to-device copy rates: the uploads above are pageable copies of fresh
+    #    arrays; a reused page-locked staging buffer is the alternative
+    res.update(upload_rates(n, cuda))
+    if "upload_pinned_gb_per_s" in res:
+        log(
+            f"  uploads of 128 images (complex64, box {n}): pageable (as the code "
+            f"uploads) {res['upload_pageable_gb_per_s']:.2f} GB/s, from a page-locked "
+            f"buffer {res['upload_pinned_gb_per_s']:.2f} GB/s (host copy into it "
+            f"{res['upload_host_copy_gb_per_s']:.2f} GB/s)"
+        )
 
     # -- the host's preparation of each particle in each pass (not in the rates above)
     real = rng.normal(size=(m_p, n, n)).astype(np.float32)

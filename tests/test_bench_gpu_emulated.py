@@ -60,7 +60,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
 
     res = bench.bench_box(20, True, (66.9, 3.35), log)
     for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
-                "gpu_particles_per_s_variant_j64_s64",
+                "gpu_particles_per_s_variant_j64_s64", "upload_pageable_gb_per_s",
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
                 "gpu_particles_per_s_processes2", "fp32_fraction",
                 "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
@@ -78,6 +78,32 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     assert results["million_particles_box256_s"] > 0
     assert results["million_particles_box256_host_prep_core_s"] > 0
     assert any(line.startswith("\n10^6 particles at box 256") for line in lines)
+
+
+@pytest.mark.usefixtures("fake_pycuda")
+def test_upload_rates_measure_pageable_and_page_locked_copies(bench, monkeypatch):
+    """`upload_rates`: with a driver that has page-locked buffers (stood in for
+    by host arrays and a memmove here) all three rates, each copy the whole batch."""
+    import ctypes
+
+    import numpy as np
+    import pycuda.driver as drv
+
+    landed = []
+
+    def memcpy_htod(dest, src):
+        ctypes.memmove(dest, src.ctypes.data, src.nbytes)
+        landed.append(src.nbytes)
+
+    monkeypatch.setattr(drv, "pagelocked_empty", np.empty, raising=False)
+    monkeypatch.setattr(drv, "memcpy_htod", memcpy_htod, raising=False)
+    rates = bench.upload_rates(8, drv, m=4)
+    assert set(rates) == {
+        "upload_pageable_gb_per_s", "upload_pinned_gb_per_s",
+        "upload_host_copy_gb_per_s",
+    }  # fmt: skip
+    assert all(v > 0 for v in rates.values())
+    assert landed and set(landed) == {4 * 8 * 5 * 8}  # 4 images of 8 x 5 complex64
 
 
 @pytest.mark.usefixtures("fake_pycuda")
