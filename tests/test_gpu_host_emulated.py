@@ -449,6 +449,112 @@ def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
     np.testing.assert_allclose(plain.reconstruct(), ref.reconstruct(), atol=1e-4)
 
 
+@pytest.mark.parametrize(("k", "shared_ctf"), [(1, False), (3, False), (2, True)])
+def test_resident_insertion_equals_shifting_and_uploading(
+    fake_pycuda, rng, k, shared_ctf
+):
+    """`CudaBatchOps.insert_at_poses` (the search's resident images and CTFs,
+    shifted on the "GPU") fills the accumulators as `reconstruct.insert_at_poses`
+    does (shifted on the host, uploaded): K poses per image with weights, a
+    CTF per image or one for all, and without CTF."""
+    from localrefine_plugin.engine.reconstruct import insert_at_poses
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_scoring import get_score_fn
+
+    n, m = 20, 5
+    proj = FourierProjector(blob_map(n, seed=11))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0), n, 2.0)
+    if shared_ctf:
+        ctf = np.broadcast_to(ctf[0], ctf.shape)
+    x = forward_model(proj, a, ctf=ctf)
+    x = (x + rng.normal(0, 1, x.shape) + 1j * rng.normal(0, 1, x.shape)).astype(
+        np.complex64
+    )
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, k)))
+    origins = rng.uniform(-3, 3, (m, k, 2))
+    weights = rng.dirichlet(np.ones(k), m) if k > 1 else None
+    poses = (rots, origins, weights) if k > 1 else (rots[:, 0], origins[:, 0], None)
+    ops = get_score_fn().bind_batch(proj, x, ctf, np.ones(n // 2 + 1), r_max_px=8.0)
+    for with_ctf in (True, False):
+        resident, uploaded = CudaBackProjector(n), CudaBackProjector(n)
+        ops.insert_at_poses(resident, *poses, ctf=with_ctf)
+        insert_at_poses(uploaded, x, *poses, ctf=np.asarray(ctf) if with_ctf else None)
+        assert resident.n_inserted == uploaded.n_inserted == m * k
+        scale = np.abs(uploaded.data).max()
+        assert np.abs(resident.data - uploaded.data).max() <= 1e-5 * scale
+        np.testing.assert_allclose(resident.weight, uploaded.weight, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="images_g must have shape"):
+        CudaBackProjector(n + 2).insert_resident(ops.images_g, None, 0, *poses[:2])
+
+
+def test_gpu_alignment_pass_inserts_from_the_resident_batch(
+    fake_pycuda, tmp_path, monkeypatch
+):
+    """With GPU accumulators and the GPU search, `align_particles` inserts each
+    batch from the search's device copies (no host insertion), and the maps
+    equal a separate reconstruction pass at the poses it returned."""
+    from localrefine_plugin.engine import mrc_io, reconstruct, refine_steps
+    from localrefine_plugin.engine.geometry import matrix_to_euler
+    from localrefine_plugin.engine.particles import read_particles
+    from localrefine_plugin.engine.refine_options import RefineOptions
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_scoring import get_power_fn, get_score_fn
+
+    from .test_refine import BOX, make_dataset
+
+    data = make_dataset(tmp_path / "data", n=10, snr=2.0, perturb_deg=2.0)
+    particles = read_particles(data["star"])
+    mask, _ = mrc_io.read_map(data["mask"])
+    reference, _ = mrc_io.read_map(data["reference"])
+    refs = np.stack([reference * mask] * 2).astype(np.float32)
+    options = RefineOptions(
+        batch_size=4, rotation_extent_deg=1.5, alignment_resolution_deg=1.0,
+        shift_extent_px=0.5,
+    )  # fmt: skip
+    host_inserts = []
+    real_insert = CudaBackProjector.insert
+
+    def counting_insert(self, *args, **kw):
+        host_inserts.append(len(args[0]))
+        return real_insert(self, *args, **kw)
+
+    monkeypatch.setattr(CudaBackProjector, "insert", counting_insert)
+    accumulators = reconstruct.half_set_accumulators(
+        particles.box, backprojector=CudaBackProjector
+    )
+    aligned = refine_steps.align_particles(
+        particles,
+        refs,
+        np.ones((1, BOX // 2 + 1)),
+        consensus_rotations=particles.matrices(),
+        consensus_origins_px=particles.origin_px,
+        fulcrum_px=np.zeros(3),
+        options=options,
+        r_max_px=BOX / 4,
+        score_fn=get_score_fn(),
+        power_fn=get_power_fn(),
+        label="test",
+        accumulators=accumulators,
+    )
+    assert not host_inserts  # every image came from the search's device copies
+    assert sum(bp.n_inserted for bp in accumulators) == particles.n
+    fused = refine_steps.reconstruct_and_compare(
+        accumulators, mask, pixel_size_a=particles.pixel_size_a, options=options
+    )
+    moved = particles.with_poses(
+        *matrix_to_euler(aligned.rotations), aligned.origins_px
+    )
+    separate = refine_steps.reconstruct_and_compare(
+        reconstruct.reconstruct_particles(moved, batch_size=options.batch_size),
+        mask,
+        pixel_size_a=particles.pixel_size_a,
+        options=options,
+    )
+    scale = np.abs(separate.raw_halves).max()
+    assert np.abs(fused.raw_halves - separate.raw_halves).max() <= 1e-4 * scale
+
+
 def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):
     from localrefine_plugin.engine.scoring import weighted_projection_power
     from localrefine_plugin.kernels.cuda_scoring import (

@@ -162,6 +162,14 @@ def prefetched(prepare: Callable, work: Callable, items: list) -> Iterator:
             yield work(*ready)
 
 
+def _insertion_poses(result, k: int) -> tuple:
+    """``(rotations, origins_px, weights)`` to insert a batch at: its K best
+    poses with their weights when marginalising (K > 1), else its best."""
+    if k > 1:
+        return result.top_rotations, result.top_origins_px, result.top_weights
+    return result.rotations, result.origins_px, None
+
+
 def _batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [indices[i : i + batch_size] for i in range(0, indices.size, batch_size)]
 
@@ -217,7 +225,10 @@ def align_particles(
         when marginalising) with its CTF, as
         :func:`.reconstruct.reconstruct_particles` would insert it, right after
         its search and from the same images. Not summed over the ranks here
-        (:func:`reconstruct_and_compare` does).
+        (:func:`reconstruct_and_compare` does). GPU accumulators
+        (``insert_resident``) with one batch searched at a time take each
+        batch from the search's device copies of its images and CTFs, shifted
+        on the GPU, before the search frees them.
     """
     comm = SerialComm() if comm is None else comm
     n, px = particles.n, particles.pixel_size_a
@@ -254,6 +265,15 @@ def align_particles(
     # batch is prepared meanwhile with --threads threads; batches searched in
     # parallel (the CPU's --threads N) prepare their own in one thread each
     prep_workers = int(options.threads) if threads == 1 else 1
+    has_ctf = particles.ctf is not None
+    # GPU accumulators, one batch at a time: each batch is inserted from the
+    # search's device copies of its images and CTFs (no second upload, shifts
+    # on the GPU) while the search still holds them
+    resident = (
+        accumulators is not None
+        and threads == 1
+        and all(hasattr(a, "insert_resident") for a in accumulators)
+    )
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
@@ -262,7 +282,20 @@ def align_particles(
         def prepare(idx: np.ndarray):
             return idx, *read_batch(particles, idx, workers=prep_workers)
 
-        def align(idx, images_f, ctf, projector=projector):
+        def align(idx, images_f, ctf, projector=projector, half=half):
+            on_batch = None
+            if resident:  # insert each searched batch before its device copies go
+
+                def on_batch(ops, *, rows, result, acc=accumulators[half - 1]):
+                    poses = _insertion_poses(result, k)
+                    if hasattr(ops, "insert_at_poses"):  # the GPU's resident images
+                        ops.insert_at_poses(acc, *poses, ctf=has_ctf)
+                    else:
+                        insert_at_poses(
+                            acc, images_f[rows], *poses,
+                            ctf=ctf[rows] if has_ctf else None,
+                        )  # fmt: skip
+
             result = search.local_search(
                 projector,
                 images_f,
@@ -283,6 +316,7 @@ def align_particles(
                 signal_radius_px=signal_radius_px,
                 shift_resolution_px=options.shift_resolution_px,
                 batch_size=search_batch_size(score_fn, idx.size),
+                on_batch=on_batch,
             )
             return idx, result, images_f, ctf
 
@@ -294,16 +328,12 @@ def align_particles(
                 results = prefetched(prepare, align, batches)
             # in batch order, whatever the threads; this thread alone inserts
             for idx, res, images_f, ctf in results:
-                if accumulators is not None:
-                    if k > 1:
-                        poses = (res.top_rotations, res.top_origins_px, res.top_weights)
-                    else:
-                        poses = (res.rotations, res.origins_px, None)
+                if accumulators is not None and not resident:
                     insert_at_poses(
                         accumulators[half - 1],
                         images_f,
-                        *poses,
-                        ctf=None if particles.ctf is None else ctf,
+                        *_insertion_poses(res, k),
+                        ctf=ctf if has_ctf else None,
                     )
                 out.rotations[idx] = res.rotations
                 out.origins_px[idx] = res.origins_px

@@ -101,6 +101,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -339,6 +340,7 @@ def local_search(
     prescreen: bool = True,
     batch_size: int = CPU_SEARCH_BATCH,
     threads: int = 1,
+    on_batch: Callable | None = None,
 ) -> SearchResult:
     """Best pose of each particle near its consensus pose (branch and bound).
 
@@ -399,6 +401,11 @@ def local_search(
         Batches searched in parallel (Python threads; NumPy releases the GIL
         in the projections and products). The result does not depend on it.
         1 with a ``bind_batch`` ``score_fn`` (:func:`.search_ops.search_threads`).
+    on_batch : callable, optional
+        ``on_batch(ops, rows=, result=)`` after each batch is searched, before
+        its batch ops (:func:`.search_ops.batch_ops`) are closed: ``rows`` the
+        slice of the particles, ``result`` their :class:`SearchResult`. The
+        refinement inserts the GPU's batch from its resident images here.
 
     Returns
     -------
@@ -484,6 +491,7 @@ def local_search(
             o_cons[sl],
             stages,
             settings,
+            on_done=None if on_batch is None else partial(on_batch, rows=sl),
         )
 
     starts = range(0, m, batch_size)
@@ -660,14 +668,17 @@ def _stage_caps(caps, r_max: float, next_radius: float):
 
 
 def _search_batch(
-    projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg
+    projector, x, ctf, inv_sigma2, a_cons, o_cons, stages, cfg, on_done=None
 ) -> SearchResult:
     ops = batch_ops(
         cfg["score_fn"], cfg["power_fn"], projector, x, ctf, inv_sigma2,
         r_max_px=cfg["r_max"],
     )  # fmt: skip
     try:
-        return _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg)
+        result = _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg)
+        if on_done is not None:
+            on_done(ops, result=result)
+        return result
     finally:
         close = getattr(ops, "close", None)  # e.g. frees the batch's device arrays
         if close is not None:

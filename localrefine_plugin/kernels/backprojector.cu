@@ -7,6 +7,9 @@
 //   data   += t_c * ctf_ip * w_i * F_ip   (conjugated where q was mirrored)
 //   weight += t_c * ctf_ip^2 * w_i
 // over the 8 trilinear corners c with weights t_c (engine BackProjector.insert).
+// Insertion i may read image img_of[i] (the search's resident batch, several
+// poses per image) and shift it first by (dx, dy) = shift[i] pixels: F times
+// exp(-2 pi i (kx dx + ky dy) / N) (engine fourier.shift_images_fourier).
 // The accumulators have the padded layout (2c+2, 2c+2, c+2) of the projector,
 // either as two arrays (data interleaved (re, im), weight; float32 or float64)
 // or as one float4 array (re, im, weight, unused) per voxel ("float32x4"):
@@ -39,11 +42,13 @@ struct LrFloat4Acc {  // (size,) float4 (re, im, weight, unused)
     }
 };
 
-// One thread per (pixel p, image i): the pixel's three values into its 8 corners.
+// One thread per (pixel p, insertion i): the pixel's three values into its 8 corners.
 template <typename Acc>
 __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
-                                          const float* __restrict__ ctf,
+                                          const float* __restrict__ ctf, int ctf_stride,
                                           const float* __restrict__ img_w,
+                                          const int* __restrict__ img_of,
+                                          const float* __restrict__ shift, int n,
                                           const float* __restrict__ rot, int m,
                                           const float* __restrict__ kx,
                                           const float* __restrict__ ky,
@@ -53,14 +58,20 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     const int i = blockIdx.y;
     if (p >= npix || i >= m) return;
+    const float kxp = kx[p], kyp = ky[p];
     float qx, qy, qz;  // rows 0 and 1 of A (the row's first 6 entries): all the slice needs
-    lr_slice_point(rot + 9 * i, kx[p], ky[p], padding, &qx, &qy, &qz);
+    lr_slice_point(rot + 9 * i, kxp, kyp, padding, &qx, &qy, &qz);
     LrCorners k;
     lr_corners(qx, qy, qz, c, false, &k);
-    const size_t at = (size_t)i * img_stride + src[p];
+    const size_t img = img_of ? (size_t)img_of[i] : (size_t)i;
     const float wi = img_w ? img_w[i] : 1.0f;
-    const float cf = ctf ? ctf[at] : 1.0f;
-    const float2 fv = f[at];
+    const float cf = ctf ? ctf[img * ctf_stride + src[p]] : 1.0f;
+    float2 fv = f[img * img_stride + src[p]];
+    if (shift) {  // launch-uniform branch
+        float sn, cs;
+        sincospif(-2.0f * (kxp * shift[2 * i] + kyp * shift[2 * i + 1]) / (float)n, &sn, &cs);
+        fv = make_float2(fv.x * cs - fv.y * sn, fv.x * sn + fv.y * cs);
+    }
     const float vr = cf * wi * fv.x;
     const float vi = (k.conj ? -1.0f : 1.0f) * cf * wi * fv.y;
     const float vw = cf * cf * wi;
@@ -72,13 +83,17 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
     for (int j = 0; j < 8; ++j) acc.add((size_t)k.base + o[j], t[j] * vr, t[j] * vi, t[j] * vw);
 }
 
-// grid: (ceil(npix / blockDim.x), m); one thread per (pixel, image).
-// f: (m, img_stride) complex image transforms; ctf: (m, img_stride) or NULL;
-// img_w: (m,) or NULL; rot: (m, 9); kx, ky, src: (npix,) pixel frequencies
-// and flat indices in the (N, N/2+1) layout.
+// grid: (ceil(npix / blockDim.x), m); one thread per (pixel, insertion).
+// f: (images, img_stride) complex image transforms; ctf: (images, ctf_stride)
+// (ctf_stride 0: one CTF for all) or NULL; img_w: (m,) or NULL; img_of: (m,)
+// image of each insertion, or NULL (insertion i reads image i); shift: (m, 2)
+// pixels, or NULL (no shift); n: box size; rot: (m, 9); kx, ky, src: (npix,)
+// pixel frequencies and flat indices in the (N, N/2+1) layout.
 extern "C" __global__ void backproject_f32(const float2* __restrict__ f,
-                                           const float* __restrict__ ctf,
+                                           const float* __restrict__ ctf, int ctf_stride,
                                            const float* __restrict__ img_w,
+                                           const int* __restrict__ img_of,
+                                           const float* __restrict__ shift, int n,
                                            const float* __restrict__ rot, int m,
                                            const float* __restrict__ kx,
                                            const float* __restrict__ ky,
@@ -86,13 +101,16 @@ extern "C" __global__ void backproject_f32(const float2* __restrict__ f,
                                            int img_stride, int c, float padding,
                                            float* __restrict__ data, float* __restrict__ weight) {
     if (blockIdx.y >= (unsigned)m) return;
-    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+    lr_insert(f, ctf, ctf_stride, img_w, img_of, shift, n, rot, m, kx, ky, src, npix,
+              img_stride, c, padding,
               LrSplitAcc<float>{data, weight});
 }
 
 extern "C" __global__ void backproject_f64(const float2* __restrict__ f,
-                                           const float* __restrict__ ctf,
+                                           const float* __restrict__ ctf, int ctf_stride,
                                            const float* __restrict__ img_w,
+                                           const int* __restrict__ img_of,
+                                           const float* __restrict__ shift, int n,
                                            const float* __restrict__ rot, int m,
                                            const float* __restrict__ kx,
                                            const float* __restrict__ ky,
@@ -100,15 +118,18 @@ extern "C" __global__ void backproject_f64(const float2* __restrict__ f,
                                            int img_stride, int c, float padding,
                                            double* __restrict__ data, double* __restrict__ weight) {
     if (blockIdx.y >= (unsigned)m) return;
-    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+    lr_insert(f, ctf, ctf_stride, img_w, img_of, shift, n, rot, m, kx, ky, src, npix,
+              img_stride, c, padding,
               LrSplitAcc<double>{data, weight});
 }
 
 // As backproject_f32 into one float4 accumulator per voxel: acc (size,) of
 // (re, im, weight, unused).
 extern "C" __global__ void backproject_f32x4(const float2* __restrict__ f,
-                                             const float* __restrict__ ctf,
+                                             const float* __restrict__ ctf, int ctf_stride,
                                              const float* __restrict__ img_w,
+                                             const int* __restrict__ img_of,
+                                             const float* __restrict__ shift, int n,
                                              const float* __restrict__ rot, int m,
                                              const float* __restrict__ kx,
                                              const float* __restrict__ ky,
@@ -116,6 +137,7 @@ extern "C" __global__ void backproject_f32x4(const float2* __restrict__ f,
                                              int img_stride, int c, float padding,
                                              float4* __restrict__ acc) {
     if (blockIdx.y >= (unsigned)m) return;
-    lr_insert(f, ctf, img_w, rot, m, kx, ky, src, npix, img_stride, c, padding,
+    lr_insert(f, ctf, ctf_stride, img_w, img_of, shift, n, rot, m, kx, ky, src, npix,
+              img_stride, c, padding,
               LrFloat4Acc{acc});
 }

@@ -168,11 +168,7 @@ class CudaBackProjector(BackProjector):
         rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
         if rotations.shape[0] != m:
             raise ValueError(f"{m} images but {rotations.shape[0]} rotations")
-        module = load_kernels("backprojector.cu")
-        kernel = module.get_function(_KERNELS[self.accumulator])
-        acc_g = self._device_accumulators()
         stride = n * (n // 2 + 1)
-        kx_g, ky_g, src_g, npix = self._pixel_table()
         if ctf is not None:
             ctf = np.broadcast_to(np.asarray(ctf, dtype=np.float32), (m, n, n // 2 + 1))
         if weights is not None:
@@ -180,18 +176,99 @@ class CudaBackProjector(BackProjector):
         batch = batch_size_for(stride * 12 + 64, fixed_bytes=0, cap=65535)
         for start in range(0, m, batch):
             sl = slice(start, min(start + batch, m))
-            b = sl.stop - sl.start
-            f_g = to_device(f_images[sl], np.complex64)
-            c_g = None if ctf is None else to_device(ctf[sl], np.float32)
-            w_g = None if weights is None else to_device(weights[sl], np.float32)
-            rot_g = to_device(rotations[sl].reshape(b, 9), np.float32)
-            kernel(
-                f_g, np.intp(0) if c_g is None else c_g, np.intp(0) if w_g is None else w_g,
-                rot_g, np.int32(b), kx_g, ky_g, src_g, np.int32(npix), np.int32(stride),
-                np.int32(self.c), np.float32(self.padding), *acc_g,
-                block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
-            )  # fmt: skip
+            self._launch(
+                to_device(f_images[sl], np.complex64),
+                None if ctf is None else to_device(ctf[sl], np.float32),
+                stride,
+                rotations[sl],
+                weights=None if weights is None else weights[sl],
+            )
         self.n_inserted += m
+
+    def insert_resident(
+        self,
+        images_g,
+        ctf_g,
+        ctf_stride: int,
+        rotations: np.ndarray,
+        shifts_px: np.ndarray,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        """Insert images already on the GPU at one or ``k`` poses each, shifting
+        them on the way (no upload of images or CTFs).
+
+        Parameters
+        ----------
+        images_g : GPUArray, shape (m, N * (N//2+1)), complex64
+            Image transforms in the Fourier layout of ``engine/fourier.py``, not
+            yet centred (e.g. the search's batch, ``CudaBatchOps.images_g``).
+        ctf_g : GPUArray, float32, or None
+            CTFs, ``ctf_stride`` values apart (0: one CTF for every image);
+            None inserts without CTF.
+        rotations : ndarray, shape (m, 3, 3) or (m, k, 3, 3)
+            RELION matrices ``A``.
+        shifts_px : ndarray, shape (m, 2) or (m, k, 2)
+            Origins ``(x, y)`` in pixels, RELION's sign: as
+            :func:`.reconstruct.insert_at_poses`, the content is shifted by
+            ``+origin`` (the phase factor in float32 on the GPU).
+        weights : ndarray, shape (m, k), optional
+            Pose weights (marginalisation); without them one pose per image.
+        """
+        n = self.n
+        rotations = np.asarray(rotations, dtype=np.float64)
+        m = rotations.shape[0]
+        k = 1 if rotations.ndim == 3 else rotations.shape[1]
+        if images_g.shape != (m, n * (n // 2 + 1)):
+            raise ValueError(
+                f"images_g must have shape ({m}, {n * (n // 2 + 1)}); "
+                f"got {images_g.shape}"
+            )
+        rotations = rotations.reshape(m * k, 3, 3)
+        shifts = np.asarray(shifts_px, dtype=np.float64).reshape(m * k, 2)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32).reshape(m * k)
+        image_of = np.repeat(np.arange(m, dtype=np.int32), k)  # pose-major per image
+        batch = 65535  # the grid's y extent; nothing is uploaded per image
+        for start in range(0, m * k, batch):
+            sl = slice(start, min(start + batch, m * k))
+            self._launch(
+                images_g,
+                ctf_g,
+                ctf_stride,
+                rotations[sl],
+                weights=None if weights is None else weights[sl],
+                image_of=image_of[sl],
+                shifts=shifts[sl],
+            )
+        self.n_inserted += m * k  # insertions, as insert_at_poses counts them
+
+    def _launch(
+        self, f_g, c_g, ctf_stride, rotations, *, weights=None, image_of=None,
+        shifts=None,
+    ) -> None:  # fmt: skip
+        """One launch of the insertion kernel: ``len(rotations)`` insertions of
+        the images of ``f_g`` (image ``image_of[i]``, else ``i``), shifted by
+        ``shifts`` (pixels) when given."""
+        n = self.n
+        b = len(rotations)
+        kernel = load_kernels("backprojector.cu").get_function(
+            _KERNELS[self.accumulator]
+        )
+        acc_g = self._device_accumulators()
+        kx_g, ky_g, src_g, npix = self._pixel_table()
+
+        def optional(a, dtype):
+            return np.intp(0) if a is None else to_device(a, dtype)
+
+        kernel(
+            f_g, np.intp(0) if c_g is None else c_g, np.int32(ctf_stride),
+            optional(weights, np.float32), optional(image_of, np.int32),
+            optional(shifts, np.float32), np.int32(n),
+            to_device(np.asarray(rotations).reshape(b, 9), np.float32), np.int32(b),
+            kx_g, ky_g, src_g, np.int32(npix), np.int32(n * (n // 2 + 1)),
+            np.int32(self.c), np.float32(self.padding), *acc_g,
+            block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
+        )  # fmt: skip
 
     def _pixel_table(self):
         """The engine's insertion pixels (``kx^2 + ky^2 <= r_max^2``) on the GPU."""

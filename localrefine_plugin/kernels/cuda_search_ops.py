@@ -188,6 +188,21 @@ class CudaBatchOps:
         self._power_sums = prep.get_function("power_weighted_sums")
         self._rotations = prep.get_function("candidate_rotations")
 
+    def insert_at_poses(self, bp, rotations, origins_px, weights=None, *, ctf=True):
+        """Insert this batch's resident images into ``bp`` at their poses.
+
+        :func:`.reconstruct.insert_at_poses` on the device for a
+        :class:`.cuda_backprojector.CudaBackProjector`: the images and CTFs
+        uploaded for the search are inserted (``ctf=False``: without CTF),
+        shifted by ``origins_px`` on the GPU; nothing is uploaded again.
+        ``rotations`` (m, 3, 3) or (m, k, 3, 3), ``origins_px`` (m, 2) or
+        (m, k, 2), ``weights`` (m, k) or None.
+        """
+        bp.insert_resident(
+            self.images_g, self.ctf_g if ctf else None, self.ctf_stride,
+            rotations, origins_px, weights,
+        )  # fmt: skip
+
     def close(self) -> None:
         """Free the batch's device arrays (the search calls it when the batch is done)."""
         self._cache.clear()
