@@ -62,6 +62,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
                 "gpu_particles_per_s_variant_j64_s64", "upload_pageable_gb_per_s",
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
+                "gpu_insert_resident_per_s",
                 "gpu_particles_per_s_processes2", "fp32_fraction",
                 "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
         assert key in res, key
