@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_prefetch.py [--box 256] [--n-particles 1024]
         [--batch-size 128] [--device-ms-per-particle 0.5] [--workers 1 2]
 
-On the GPU path a batch's host preparation (``refine_steps.read_batch``: read
+On the GPU path a batch's host preparation (``reconstruct.read_batch``: read
 the images, FFT them, compute their CTFs) used to run between the device's
 searches. ``refine_steps.prefetched`` prepares the next batch in a second
 thread meanwhile. This benchmark needs no GPU: it writes a stack
@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_scale import scratch_folder, write_dataset  # noqa: E402
 
 from localrefine_plugin.engine.particles import read_particles  # noqa: E402
-from localrefine_plugin.engine.refine_steps import prefetched, read_batch  # noqa: E402
+from localrefine_plugin.engine.reconstruct import read_batch  # noqa: E402
+from localrefine_plugin.engine.refine_steps import prefetched  # noqa: E402
 
 
 def measure(star: Path, batch_size: int, device_ms: float, workers: int = 1) -> dict:

@@ -136,10 +136,10 @@ def test_read_batch_in_threads_gives_the_same_transforms_and_ctfs(tmp_path):
     data = make_dataset(tmp_path / "data", n=10, snr=2.0)
     particles = read_particles(data["star"])
     idx = np.array([7, 2, 9, 0, 4])
-    images_f, ctf = refine_steps.read_batch(particles, idx)
+    images_f, ctf = reconstruct.read_batch(particles, idx)
     assert images_f.shape == ctf.shape == (5, BOX, BOX // 2 + 1)
     for workers in (2, 3, 8):
-        got_f, got_ctf = refine_steps.read_batch(particles, idx, workers=workers)
+        got_f, got_ctf = reconstruct.read_batch(particles, idx, workers=workers)
         assert got_f.dtype == images_f.dtype and got_ctf.dtype == ctf.dtype
         np.testing.assert_array_equal(got_f, images_f)
         np.testing.assert_array_equal(got_ctf, ctf)

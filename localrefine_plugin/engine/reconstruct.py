@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,6 +35,7 @@ __all__ = [
     "ctf_subset",
     "half_set_accumulators",
     "insert_at_poses",
+    "read_batch",
     "reconstruct_particles",
     "reconstruct_halves",
     "half_map_fsc",
@@ -50,6 +52,47 @@ def ctf_subset(ctf: CtfParams, indices: np.ndarray, n: int) -> CtfParams:
         if value.ndim >= 1 and value.shape[0] == n:
             changes[field.name] = value[indices]
     return dataclasses.replace(ctf, **changes)
+
+
+def read_batch(
+    particles, idx: np.ndarray, *, workers: int = 1, ctf: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Transforms and CTFs of particles ``idx``, as every pass over the images needs them.
+
+    Returns ``(images_f, ctf)``, each (m, N, N//2+1): the images read from
+    their stacks (whose streamed pages are then dropped,
+    ``Particles.release_pages``) and transformed (:func:`.fourier.image_to_fourier`),
+    and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none; None
+    with ``ctf=False``). ``workers`` > 1 splits the transforms and CTFs over
+    that many threads (SciPy's FFTs and NumPy release the GIL); the values do
+    not depend on it.
+    """
+    idx = np.asarray(idx)
+    images = particles.load_images(idx)
+    particles.release_pages()
+
+    def one(rows) -> tuple[np.ndarray, np.ndarray | None]:
+        return (
+            image_to_fourier(images[rows]),
+            _ctf_images(particles, idx[rows]) if ctf else None,
+        )
+
+    parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
+    if len(parts) == 1:
+        return one(slice(None))
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        done = list(pool.map(one, parts))
+    images_f = np.concatenate([f for f, _ in done])
+    return images_f, np.concatenate([c for _, c in done]) if ctf else None
+
+
+def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
+    """CTF (m, N, N//2+1) of particles ``idx`` (ones when the set has no CTF)."""
+    box = particles.box
+    if particles.ctf is None:
+        return np.ones((idx.size, box, box // 2 + 1), dtype=np.float32)
+    sub = ctf_subset(particles.ctf, idx, particles.n)
+    return ctf_2d(sub, box, particles.pixel_size_a)
 
 
 def half_set_accumulators(
@@ -185,13 +228,7 @@ def reconstruct_particles(
     done, next_report = 0, 0.0
     for start in range(0, idx_all.size, batch_size):
         idx = idx_all[start : start + batch_size]
-        f = image_to_fourier(particles.load_images(idx))  # (m, N, N//2+1) complex64
-        particles.release_pages()
-        ctf = (
-            ctf_2d(ctf_subset(particles.ctf, idx, n), box, particles.pixel_size_a)
-            if use_ctf
-            else None
-        )
+        f, ctf = read_batch(particles, idx, ctf=use_ctf)  # (m, N, N//2+1) each
         subset = particles.random_subset[idx]
         for half in (1, 2):
             sel = np.flatnonzero(subset == half)

@@ -33,12 +33,10 @@ from scipy import ndimage
 from . import fsc as fsc_mod
 from . import masks, noise, reconstruct, search
 from .backprojector import BackProjector
-from .ctf import ctf_2d
-from .fourier import image_to_fourier
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
-from .reconstruct import insert_at_poses
+from .reconstruct import insert_at_poses, read_batch
 from .refine_device import Backend
 from .search_ops import search_batch_size, search_threads
 
@@ -46,7 +44,6 @@ __all__ = [
     "AlignmentResult",
     "align_particles",
     "prefetched",
-    "read_batch",
     "Reconstruction",
     "reconstruct_and_compare",
     "estimate_noise",
@@ -108,42 +105,6 @@ def group_rows(optics_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Optics group ids -> (sorted distinct ids, row of each particle in sigma^2)."""
     ids, rows = np.unique(np.asarray(optics_group), return_inverse=True)
     return ids, rows
-
-
-def read_batch(
-    particles, idx: np.ndarray, *, workers: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Transforms and CTFs of particles ``idx``, as every pass over the images needs them.
-
-    Returns ``(images_f, ctf)``, each (m, N, N//2+1): the images read from
-    their stacks (whose streamed pages are then dropped,
-    ``Particles.release_pages``) and transformed (:func:`.fourier.image_to_fourier`),
-    and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none).
-    ``workers`` > 1 splits the transforms and CTFs over that many threads
-    (SciPy's FFTs and NumPy release the GIL); the values do not depend on it.
-    """
-    idx = np.asarray(idx)
-    images = particles.load_images(idx)
-    particles.release_pages()
-    parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
-    if len(parts) == 1:
-        return image_to_fourier(images), _ctf_images(particles, idx)
-
-    def one(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return image_to_fourier(images[rows]), _ctf_images(particles, idx[rows])
-
-    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-        done = list(pool.map(one, parts))
-    return np.concatenate([f for f, _ in done]), np.concatenate([c for _, c in done])
-
-
-def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
-    """CTF (m, N, N//2+1) of particles ``idx`` (ones when the set has no CTF)."""
-    box = particles.box
-    if particles.ctf is None:
-        return np.ones((idx.size, box, box // 2 + 1), dtype=np.float32)
-    sub = reconstruct.ctf_subset(particles.ctf, idx, particles.n)
-    return ctf_2d(sub, box, particles.pixel_size_a)
 
 
 def prefetched(prepare: Callable, work: Callable, items: list) -> Iterator:
