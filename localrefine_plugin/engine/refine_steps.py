@@ -227,12 +227,12 @@ def align_particles(
     # parallel (the CPU's --threads N) prepare their own in one thread each
     prep_workers = int(options.threads) if threads == 1 else 1
     has_ctf = particles.ctf is not None
-    # GPU accumulators, one batch at a time: each batch is inserted from the
-    # search's device copies of its images and CTFs (no second upload, shifts
-    # on the GPU) while the search still holds them
+    # the GPU's search (its batch ops keep the images and CTFs on the device)
+    # and GPU accumulators: each batch is inserted from those device copies (no
+    # second upload, shifts on the GPU) while the search still holds them
     resident = (
         accumulators is not None
-        and threads == 1
+        and hasattr(score_fn, "bind_batch")
         and all(hasattr(a, "insert_resident") for a in accumulators)
     )
     for half in (1, 2):
@@ -248,14 +248,7 @@ def align_particles(
             if resident:  # insert each searched batch before its device copies go
 
                 def on_batch(ops, *, rows, result, acc=accumulators[half - 1]):
-                    poses = _insertion_poses(result, k)
-                    if hasattr(ops, "insert_at_poses"):  # the GPU's resident images
-                        ops.insert_at_poses(acc, *poses, ctf=has_ctf)
-                    else:
-                        insert_at_poses(
-                            acc, images_f[rows], *poses,
-                            ctf=ctf[rows] if has_ctf else None,
-                        )  # fmt: skip
+                    ops.insert_at_poses(acc, *_insertion_poses(result, k), ctf=has_ctf)
 
             result = search.local_search(
                 projector,
