@@ -5,7 +5,7 @@ in host memory *as PyCUDA does*: the bytes as they lie in memory (an F-ordered
 NumPy array arrives F-ordered), pointers passed raw. Its ``SourceModule``
 compiles the real ``.cu`` source with ``g++`` against a small shim that runs
 each CUDA block as one ``std::thread`` per CUDA thread (``__syncthreads`` a
-``std::barrier``, ``__shfl_down_sync`` through shared memory, ``atomicAdd``
+``std::barrier``, ``__shfl_down_sync`` / ``__shfl_sync`` through shared memory, ``atomicAdd``
 with ``std::atomic_ref``); every launch is checked against the kernel's C
 signature (pointer / int32 / float32 per parameter, block and grid limits).
 So the kernels' index arithmetic, tiling, shared memory and reductions and the
@@ -41,7 +41,7 @@ from localrefine_plugin.kernels import backend
 from localrefine_plugin.kernels.backend import KERNEL_DIR
 
 from .conftest import blob_map
-from .test_gpu_kernels import TWINS
+from .test_gpu_kernels import NEAR_TWINS, TWINS
 
 SHIM = r"""
 #include <atomic>
@@ -74,6 +74,14 @@ static inline float __shfl_down_sync(unsigned, float v, int off) {
     emu_shfl[t] = v;
     emu_barrier->arrive_and_wait();
     const float r = (t & 31) + off < 32 ? emu_shfl[t + off] : v;
+    emu_barrier->arrive_and_wait();
+    return r;
+}
+static inline float __shfl_sync(unsigned, float v, int src) {
+    const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    emu_shfl[t] = v;
+    emu_barrier->arrive_and_wait();
+    const float r = emu_shfl[(t & ~31) + (src & 31)];
     emu_barrier->arrive_and_wait();
     return r;
 }
@@ -195,13 +203,34 @@ class FakeGPUArray:
         return ary
 
 
-def _to_gpu(a):
-    return FakeGPUArray(np.asarray(a))
+#: bytes allocated per allocator ("pool" or "direct"), as PyCUDA asks its allocator
+_ALLOCATED: dict[str, int] = {}
 
 
-def _empty(shape, dtype):
+class FakeMemoryPool:
+    """``pycuda.tools.DeviceMemoryPool``: counts what it serves."""
+
+    managed_bytes = active_bytes = 0
+
+    def allocate(self, nbytes):
+        _ALLOCATED["pool"] = _ALLOCATED.get("pool", 0) + int(nbytes)
+
+
+def _mem_alloc(nbytes):
+    _ALLOCATED["direct"] = _ALLOCATED.get("direct", 0) + int(nbytes)
+
+
+def _to_gpu(a, allocator=None):
+    out = FakeGPUArray(np.asarray(a))
+    (allocator or _mem_alloc)(out.nbytes)
+    return out
+
+
+def _empty(shape, dtype, allocator=None):
     rng = np.random.default_rng(0)  # garbage, as cudaMalloc gives
-    return FakeGPUArray(rng.normal(size=shape).astype(dtype))
+    out = FakeGPUArray(rng.normal(size=shape).astype(dtype))
+    (allocator or _mem_alloc)(out.nbytes)
+    return out
 
 
 class FakeFunction:
@@ -304,14 +333,18 @@ def fake_pycuda(monkeypatch, emulator_dir):
     drv.Event = _FakeEvent
     drv.mem_get_info = lambda: (2**24, 2**25)  # 16 MiB free: forces several batches
     drv.memset_d8 = _memset_d8
+    drv.mem_alloc = _mem_alloc
+    _ALLOCATED.clear()
     ga = types.ModuleType("pycuda.gpuarray")
     ga.to_gpu, ga.empty, ga.GPUArray = _to_gpu, _empty, FakeGPUArray
     comp = types.ModuleType("pycuda.compiler")
     comp.SourceModule = FakeModule
+    tools = types.ModuleType("pycuda.tools")
+    tools.DeviceMemoryPool = FakeMemoryPool
     pkg = types.ModuleType("pycuda")
-    pkg.driver, pkg.gpuarray, pkg.compiler = drv, ga, comp
+    pkg.driver, pkg.gpuarray, pkg.compiler, pkg.tools = drv, ga, comp, tools
     for name, mod in (("pycuda", pkg), ("pycuda.driver", drv), ("pycuda.gpuarray", ga),
-                      ("pycuda.compiler", comp)):  # fmt: skip
+                      ("pycuda.compiler", comp), ("pycuda.tools", tools)):  # fmt: skip
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(
         backend, "_state", {"context": None, "gpu": None, "modules": {}}
@@ -351,6 +384,11 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_s64_wide",
         "score_tiles_j64_s64_wide",
         "score_tiles_j64_s64_cells_wide",
+        "score_tiles_rl",
+        "score_tiles_s64_rl",
+        "score_tiles_j64_s64_rl",
+        "score_tiles_s64_cells_rl",
+        "score_tiles_s64_wide_rl",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -629,12 +667,49 @@ def test_cuda_backend_hands_both_gpu_functions_to_the_search(fake_pycuda, rng):
     np.testing.assert_array_equal(threaded.top_scores, got.top_scores)
 
 
+def test_device_arrays_come_from_the_memory_pool(fake_pycuda, rng, monkeypatch):
+    """Every device array of a GPU search comes from the process's memory pool
+    (freeing a plain allocation waits for the GPU); `$LOCALREFINE_GPU_POOL=0`
+    allocates directly and gives the same poses; the blocks the pool holds count
+    as free memory when batches are sized."""
+    from localrefine_plugin.engine.refine_device import select_backend
+    from localrefine_plugin.engine.search import local_search
+
+    gpu = select_backend("cuda")
+    n, m = 20, 2
+    proj = FourierProjector(blob_map(n, seed=5))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    x = forward_model(proj, a, origins_px=rng.uniform(-1, 1, (m, 2)))
+    ctf, inv_s2 = np.ones(x.shape), np.ones((m, n // 2 + 1))
+    kw = dict(
+        consensus_rotations=a, consensus_origins_px=np.zeros((m, 2)),
+        fulcrum_px=np.zeros(3), rotation_extent_deg=3.0, shift_extent_px=1.0,
+        alignment_resolution_deg=1.5, shift_resolution_px=0.5, r_max_px=6.0,
+    )  # fmt: skip
+    search = dict(score_fn=gpu.score_fn, power_fn=gpu.power_fn, **kw)
+    _ALLOCATED.clear()
+    pooled = local_search(proj, x, ctf, inv_s2, **search)
+    assert _ALLOCATED.get("pool", 0) > 0 and "direct" not in _ALLOCATED
+    monkeypatch.setenv(backend.POOL_ENV, "0")
+    _ALLOCATED.clear()
+    direct = local_search(proj, x, ctf, inv_s2, **search)
+    assert _ALLOCATED.get("direct", 0) > 0 and "pool" not in _ALLOCATED
+    np.testing.assert_array_equal(direct.rotations, pooled.rotations)
+    np.testing.assert_array_equal(direct.scores, pooled.scores)
+    monkeypatch.delenv(backend.POOL_ENV)
+    pool = backend.memory_pool()
+    monkeypatch.setattr(pool, "managed_bytes", 5000, raising=False)
+    monkeypatch.setattr(pool, "active_bytes", 1000, raising=False)
+    assert backend.free_memory() == 2**24 + 4000  # the fake card's free + held
+
+
 @pytest.mark.parametrize(
     ("variant", "r_max"),
     [("s32", 7.0), ("s64", 7.0), ("j64_s64", 7.0), ("s64_cells", 7.0),
      ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
      ("s64_cells_occ4", 7.0), ("s64_wide", 7.0), ("j64_s64_wide", 7.0),
-     ("j64_s64_cells_wide", 7.0), ("j64_s64_cells_wide", 10.0)],
+     ("j64_s64_cells_wide", 7.0), ("j64_s64_cells_wide", 10.0), ("s32_rl", 7.0),
+     ("s64_rl", 7.0), ("j64_s64_rl", 7.0), ("s64_cells_rl", 10.0), ("s64_wide_rl", 7.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max
@@ -669,6 +744,9 @@ def test_every_scoring_kernel_variant_scores_like_the_engine(
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
     if variant in TWINS:  # the same arithmetic: bit for bit
         np.testing.assert_array_equal(got, scores(TWINS[variant]))
+    if variant in NEAR_TWINS:  # the |P|^2 term summed in another order
+        twin = scores(NEAR_TWINS[variant])
+        assert np.abs(got - twin).max() <= 1e-6 * np.abs(twin).max()
     if VARIANTS[variant][3]:
         assert cells_radius(proj, r_max) == (16 if r_max == 7.0 else proj.c)
 
@@ -855,6 +933,55 @@ def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     monkeypatch.setenv(VARIANT_ENV, "s128")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_VARIANT must be one of"):
+        ops.score(rots, shifts[40], r_max_px=8.0, rotation_shifts_px=None)
+
+
+def test_rotation_lanes_serve_the_stages_with_their_rl_twins(
+    fake_pycuda, rng, monkeypatch
+):
+    """`$LOCALREFINE_SCORE_LANES=rotations` scores each stage with the `_rl` twin
+    of its default variant (s64 for 40 shifts, s32 for 20; s64_cells with the
+    cells sampler) and the same scores to float32 rounding; other values are
+    refused."""
+    from localrefine_plugin.kernels import cuda_search_ops
+    from localrefine_plugin.kernels.cuda_scoring import (
+        LANES_ENV,
+        SAMPLER_ENV,
+        get_score_fn,
+    )
+
+    m, n_rot = 2, 70
+    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=11, m=m, n_rot=n_rot)
+    used = []
+    launch = cuda_search_ops.launch_score_tiles
+
+    def spy(variant, *args, **kw):
+        used.append(variant)
+        return launch(variant, *args, **kw)
+
+    monkeypatch.setattr(cuda_search_ops, "launch_score_tiles", spy)
+    shifts = {s: rng.uniform(-3, 3, (m, s, 2)) for s in (40, 20)}
+    values = {}
+    for lanes, sampler in (("pixels", "volume"), ("rotations", "volume"),
+                           ("rotations", "cells")):  # fmt: skip
+        monkeypatch.setenv(LANES_ENV, lanes)
+        monkeypatch.setenv(SAMPLER_ENV, sampler)
+        ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
+        for n_shift in (40, 20):
+            grid = ops.score(
+                rots, shifts[n_shift], r_max_px=8.0, rotation_shifts_px=None
+            )
+            values[lanes, sampler, n_shift] = grid.values(
+                np.zeros((m, n_rot)), np.zeros((m, n_shift))
+            )
+    assert used == ["s64", "s32", "s64_rl", "s32_rl", "s64_cells_rl", "s64_cells_rl"]
+    for n_shift in (40, 20):
+        want = values["pixels", "volume", n_shift]
+        for key in (("rotations", "volume"), ("rotations", "cells")):
+            got = values[(*key, n_shift)]
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    monkeypatch.setenv(LANES_ENV, "diagonal")
+    with pytest.raises(ValueError, match="LOCALREFINE_SCORE_LANES must be"):
         ops.score(rots, shifts[40], r_max_px=8.0, rotation_shifts_px=None)
 
 

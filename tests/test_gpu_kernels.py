@@ -119,20 +119,28 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
 
 
 @pytest.mark.parametrize(
-    "setting", ["score_fn", "score_and_power_priors_top3", "cells_priors_top3"]
-)
+    "setting",
+    ["score_fn", "score_and_power_priors_top3", "cells_priors_top3",
+     "rlanes_priors_top3", "nopool_priors_top3"],
+)  # fmt: skip
 def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     gpu, rng, setting, monkeypatch
 ):
     """The GPU score_fn (bound batches: grids scored and reduced on the device)
     alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses
-    (the scoring kernels reading the volume, or its cells)."""
+    (the scoring kernels reading the volume, or its cells; with rotation lanes;
+    device arrays allocated without the memory pool)."""
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
-    from localrefine_plugin.kernels.cuda_scoring import SAMPLER_ENV
+    from localrefine_plugin.kernels.backend import POOL_ENV
+    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV
 
     monkeypatch.setenv(
         SAMPLER_ENV, "cells" if setting.startswith("cells") else "volume"
     )
+    monkeypatch.setenv(
+        LANES_ENV, "rotations" if setting.startswith("rlanes") else "pixels"
+    )
+    monkeypatch.setenv(POOL_ENV, "0" if setting.startswith("nopool") else "1")
 
     n, m = 64, 24
     proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m, snr=0.5)
@@ -289,6 +297,10 @@ def _stage_poses(rng, a_true, o_true, n_rot, n_shift):
 TWINS = {"s64_cells": "s64", "j64_s64_cells": "j64_s64", "s64_occ4": "s64",
          "s64_cells_occ4": "s64_cells", "s64_wide": "s64", "j64_s64_wide": "j64_s64",
          "j64_s64_cells_wide": "j64_s64_cells"}  # fmt: skip
+#: rotation lanes: the same products in the same order, the |P|^2 term summed
+#: in another order (equal to rounding, not bit for bit)
+NEAR_TWINS = {"s32_rl": "s32", "s64_rl": "s64", "j64_s64_rl": "j64_s64",
+              "s64_cells_rl": "s64_cells", "s64_wide_rl": "s64_wide"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -304,6 +316,7 @@ TWINS = {"s64_cells": "s64", "j64_s64_cells": "j64_s64", "s64_occ4": "s64",
         "s64_wide",
         "j64_s64_wide",
         "j64_s64_cells_wide",
+        *NEAR_TWINS,
     ],
 )
 def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
@@ -326,8 +339,9 @@ def test_every_scoring_kernel_variant_matches_the_cpu(gpu, rng, variant):
 
     got = scores(variant)
     assert np.abs(got - cpu).max() <= 1e-4 * np.abs(cpu).max()
-    if variant in TWINS:
-        twin = scores(TWINS[variant])
+    twin = TWINS.get(variant) or NEAR_TWINS.get(variant)
+    if twin:
+        twin = scores(twin)
         assert np.abs(got - twin).max() <= 1e-6 * np.abs(twin).max()
 
 

@@ -12,6 +12,13 @@ top-level import would make Scipion drop every protocol of the plugin.
   (``include_dirs=[this folder]``, ``no_extern_c=True`` because the sources
   declare ``extern "C"`` themselves).
 * :func:`batch_size_for` sizes particle batches to the card's free memory.
+* :func:`to_device`, :func:`empty` and :func:`zeros` allocate every device
+  array from one memory pool per process (:func:`memory_pool`): freeing a
+  plain PyCUDA allocation calls ``cuMemFree``, which waits for the GPU, and
+  the search frees its temporaries at every stage. A pooled block goes back to
+  the pool instead and serves the next allocation of its size class (kernels
+  run in order on the one stream, so reusing a block is safe).
+  ``$LOCALREFINE_GPU_POOL=0`` allocates directly (for measurements).
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ __all__ = [
     "batch_size_for",
     "device_name",
     "to_device",
+    "empty",
     "zeros",
+    "memory_pool",
+    "free_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,9 @@ KERNEL_DIR = Path(__file__).resolve().parent
 
 _lock = threading.Lock()
 _state: dict = {"context": None, "gpu": None, "modules": {}}
+
+#: environment variable: ``0`` allocates device arrays without the pool
+POOL_ENV = "LOCALREFINE_GPU_POOL"
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -187,8 +200,36 @@ def load_kernels(filename: str):
         return module
 
 
+def memory_pool():
+    """The process's ``pycuda.tools.DeviceMemoryPool`` (None with ``$LOCALREFINE_GPU_POOL=0``).
+
+    Created on first use in the context of :func:`ensure_context`. Blocks freed
+    by the engine stay in the pool for reuse; when an allocation finds the card
+    full, PyCUDA's pool releases the blocks it holds and retries.
+    """
+    if os.environ.get(POOL_ENV, "1").strip() == "0":
+        return None
+    ensure_context()
+    with _lock:
+        pool = _state.get("pool")
+        if pool is None:
+            from pycuda.tools import DeviceMemoryPool
+
+            pool = _state["pool"] = DeviceMemoryPool()
+        return pool
+
+
+def _allocator():
+    pool = memory_pool()
+    if pool is not None:
+        return pool.allocate
+    import pycuda.driver as cuda
+
+    return cuda.mem_alloc
+
+
 def to_device(array, dtype):
-    """Upload ``array`` as a C-contiguous GPUArray of ``dtype``.
+    """Upload ``array`` as a C-contiguous GPUArray of ``dtype`` (pooled memory).
 
     PyCUDA copies the host buffer as it lies in memory and keeps its strides, but
     the kernels index C order: NumPy results can be F-ordered (fancy indexing of
@@ -197,19 +238,39 @@ def to_device(array, dtype):
     from pycuda import gpuarray
 
     ensure_context()
-    return gpuarray.to_gpu(np.ascontiguousarray(array, dtype=dtype))
+    return gpuarray.to_gpu(
+        np.ascontiguousarray(array, dtype=dtype), allocator=_allocator()
+    )
+
+
+def empty(shape, dtype):
+    """An uninitialised C-ordered GPUArray of ``shape`` and ``dtype`` (pooled memory)."""
+    from pycuda import gpuarray
+
+    ensure_context()
+    return gpuarray.empty(shape, dtype=dtype, allocator=_allocator())
 
 
 def zeros(shape, dtype):
     """A zero-filled GPUArray, cleared with ``memset`` (no runtime-compiled fill kernel)."""
     import pycuda.driver as cuda
-    from pycuda import gpuarray
 
-    ensure_context()
-    out = gpuarray.empty(shape, dtype=dtype)
+    out = empty(shape, dtype)
     if out.nbytes:
         cuda.memset_d8(out.gpudata, 0, out.nbytes)
     return out
+
+
+def free_memory() -> int:
+    """Bytes the engine can still allocate: the card's free memory plus the
+    blocks the pool holds for reuse (:func:`memory_pool`)."""
+    import pycuda.driver as cuda
+
+    ensure_context()
+    free, _total = cuda.mem_get_info()
+    pool = _state.get("pool") if os.environ.get(POOL_ENV, "1").strip() != "0" else None
+    held = 0 if pool is None else int(pool.managed_bytes) - int(pool.active_bytes)
+    return int(free) + max(held, 0)
 
 
 def device_name() -> str:
@@ -236,9 +297,6 @@ def batch_size_for(
     cap : int
         Upper limit (launch sizes beyond this gain nothing).
     """
-    import pycuda.driver as cuda
-
-    ensure_context()
-    free, _total = cuda.mem_get_info()
+    free = free_memory()
     room = int(free * fraction) - int(fixed_bytes)
     return int(max(1, min(cap, room // max(1, int(bytes_per_item)))))

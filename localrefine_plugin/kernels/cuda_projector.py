@@ -21,7 +21,14 @@ import weakref
 import numpy as np
 
 from ..engine.projector import FourierProjector, _pixels_within
-from .backend import batch_size_for, load_kernels, select_device, to_device, zeros
+from .backend import (
+    batch_size_for,
+    empty,
+    load_kernels,
+    select_device,
+    to_device,
+    zeros,
+)
 
 __all__ = [
     "CudaProjector",
@@ -84,8 +91,6 @@ def device_cells(projector: FourierProjector, rc: int):
     of the volume's part within ``rc``; cached while ``projector`` lives, per
     ``rc`` (:func:`cells_radius`).
     """
-    from pycuda import gpuarray
-
     rc = int(rc)
     if not 1 <= rc <= projector.c:
         raise ValueError(f"cells radius must be in [1, {projector.c}]; got {rc}")
@@ -93,7 +98,7 @@ def device_cells(projector: FourierProjector, rc: int):
     def build():
         vol = device_volume(projector)
         n_cells = (2 * rc + 2) ** 2 * (rc + 2)
-        cells = gpuarray.empty((n_cells, 16), dtype=np.float32)
+        cells = empty((n_cells, 16), np.float32)
         load_kernels("projector.cu").get_function("build_cells")(
             vol, np.int32(projector.c), np.int32(rc), cells,
             block=(_THREADS, 1, 1), grid=(-(-n_cells // _THREADS), 1),

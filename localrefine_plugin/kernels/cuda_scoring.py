@@ -29,7 +29,7 @@ import numpy as np
 from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.scoring import score_poses as _engine_score_poses
 from ..engine.scoring import weighted_projection_power as _engine_power
-from .backend import batch_size_for, load_kernels, select_device, to_device
+from .backend import batch_size_for, empty, load_kernels, select_device, to_device
 from .cuda_projector import cells_radius, device_cells, device_volume
 
 __all__ = [
@@ -59,6 +59,12 @@ VARIANTS = {
     "s64_wide": ("score_tiles_s64_wide", 32, 64, False),
     "j64_s64_wide": ("score_tiles_j64_s64_wide", 64, 64, False),
     "j64_s64_cells_wide": ("score_tiles_j64_s64_cells_wide", 64, 64, True),
+    # rotation lanes: lane -> rotation while interpolating (scoring.cu, RLANES)
+    "s32_rl": ("score_tiles_rl", 32, 32, False),
+    "s64_rl": ("score_tiles_s64_rl", 32, 64, False),
+    "j64_s64_rl": ("score_tiles_j64_s64_rl", 64, 64, False),
+    "s64_cells_rl": ("score_tiles_s64_cells_rl", 32, 64, True),
+    "s64_wide_rl": ("score_tiles_s64_wide_rl", 32, 64, False),
 }
 #: environment variable choosing where the scoring kernels read the slices:
 #: "volume" (default: the padded volume, 8 scattered corners per sample) or
@@ -68,6 +74,11 @@ SAMPLER_ENV = "LOCALREFINE_SCORE_SAMPLER"
 #: environment variable naming one ``VARIANTS`` kernel for every stage of the
 #: search, whatever S and the sampler (for measurements: benchmarks/bench_iteration.py)
 VARIANT_ENV = "LOCALREFINE_SCORE_VARIANT"
+#: environment variable choosing how the scoring kernels' warps interpolate
+#: the slices: "pixels" (default: lane -> pixel) or "rotations" (lane ->
+#: rotation, the ``_rl`` variants: neighbouring rotations of the local search
+#: share the sectors of their trilinear corners); bench_gpu.py measures both
+LANES_ENV = "LOCALREFINE_SCORE_LANES"
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -258,7 +269,8 @@ def variant_for(n_shift: int) -> str:
     """The scoring kernel variant of ``VARIANTS`` the host uses for S shifts.
 
     ``s32`` for S <= 32, else ``s64``; with ``$LOCALREFINE_SCORE_SAMPLER=cells``
-    ``s64_cells`` for every S (no 32-shift tile reads cells);
+    ``s64_cells`` for every S (no 32-shift tile reads cells); with
+    ``$LOCALREFINE_SCORE_LANES=rotations`` their ``_rl`` twins;
     ``$LOCALREFINE_SCORE_VARIANT``, when set, for every S.
     """
     forced = os.environ.get(VARIANT_ENV)
@@ -269,11 +281,18 @@ def variant_for(n_shift: int) -> str:
             )
         return forced
     sampler = os.environ.get(SAMPLER_ENV, "volume")
-    if sampler == "cells":
-        return "s64_cells"
-    if sampler != "volume":
+    if sampler not in ("volume", "cells"):
         raise ValueError(f"${SAMPLER_ENV} must be 'volume' or 'cells'; got {sampler!r}")
-    return "s64" if n_shift > 32 else "s32"
+    lanes = os.environ.get(LANES_ENV, "pixels")
+    if lanes not in ("pixels", "rotations"):
+        raise ValueError(
+            f"${LANES_ENV} must be 'pixels' or 'rotations'; got {lanes!r}"
+        )
+    if sampler == "cells":
+        variant = "s64_cells"
+    else:
+        variant = "s64" if n_shift > 32 else "s32"
+    return variant + ("_rl" if lanes == "rotations" else "")
 
 
 def bytes_per_particle(npix: int, n_rot: int, n_shift: int) -> int:
@@ -336,7 +355,6 @@ class _ScoreLaunch:
         r_max_px,
         variant: str | None = None,
     ):
-        from pycuda import gpuarray
 
         b, n = images_f.shape[:2]
         self.b, self.n = b, n
@@ -350,10 +368,10 @@ class _ScoreLaunch:
         self.y_g = to_device(y, np.complex64)
         self.w1_g = to_device(w1, np.float32)
         self.sh_g = to_device(shifts_px, np.float32)
-        self.z_g = gpuarray.empty((b, self.n_shift, self.npix), dtype=np.complex64)
+        self.z_g = empty((b, self.n_shift, self.npix), np.complex64)
         self.rot_g = to_device(rotations.reshape(b, self.n_rot, 9), np.float32)
         self.rs_g = None if rs is None else to_device(rs, np.float32)
-        self.out_g = gpuarray.empty((b, self.n_rot, self.n_shift), dtype=np.float32)
+        self.out_g = empty((b, self.n_rot, self.n_shift), np.float32)
 
     def phase_table(self) -> None:
         """Kernel ``phase_table``: the Z tables of all shifts (b, S, P)."""
@@ -449,7 +467,6 @@ def _power_cuda(projector, ctf, inv_sigma2, rotations, *, r_max_px):
     and ``radius`` (P,). Kernel ``project_slices`` samples the P pixels of each
     rotation; the weighting is a cheap host product.
     """
-    from pycuda import gpuarray
 
     ctf = np.asarray(ctf)
     m, n = ctf.shape[0], ctf.shape[1]
@@ -460,7 +477,7 @@ def _power_cuda(projector, ctf, inv_sigma2, rotations, *, r_max_px):
     npix = flat.size
     kernel = load_kernels("projector.cu").get_function("project_slices")
     rot_g = to_device(np.asarray(rotations, dtype=np.float64).reshape(m, 9), np.float32)
-    out_g = gpuarray.empty((m, npix), dtype=np.complex64)
+    out_g = empty((m, npix), np.complex64)
     kernel(
         device_volume(projector), np.int32(projector.c), np.float32(projector.padding),
         rot_g, np.int32(m), kx_g, ky_g, dest_g, np.int32(npix), out_g, np.int32(npix),

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.search_ops import HostGrid
-from .backend import batch_size_for, load_kernels, to_device
+from .backend import batch_size_for, empty, free_memory, load_kernels, to_device
 from .cuda_projector import device_volume
 from .cuda_scoring import (
     _power_cuda,
@@ -77,7 +77,6 @@ class CudaGrid:
         self._over_rotations = module.get_function("grid_min_over_rotations")
 
     def _run(self, add_r, add_s, *, rotations: bool):
-        from pycuda import gpuarray
 
         add_r = np.asarray(add_r, dtype=np.float64)
         add_s = np.asarray(add_s, dtype=np.float64)
@@ -89,8 +88,8 @@ class CudaGrid:
             b = stop - start
             a_g = to_device(add_r[start:stop], np.float64)
             b_g = to_device(add_s[start:stop], np.float64)
-            min_g = gpuarray.empty((b, j_n), dtype=np.float64)
-            arg_g = gpuarray.empty((b, j_n), dtype=np.int32)
+            min_g = empty((b, j_n), np.float64)
+            arg_g = empty((b, j_n), np.int32)
             self._over_shifts(
                 e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), min_g, arg_g,
                 block=(_REDUCE_BLOCK, 1, 1), grid=(-(-j_n // _REDUCE_BLOCK), b),
@@ -98,7 +97,7 @@ class CudaGrid:
             mins_j[start:stop] = min_g.get()
             args_j[start:stop] = arg_g.get()
             if rotations:
-                out_g = gpuarray.empty((b, s_n), dtype=np.float64)
+                out_g = empty((b, s_n), np.float64)
                 self._over_rotations(
                     e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), out_g,
                     block=(_REDUCE_BLOCK, 1, 1), grid=(-(-s_n // _REDUCE_BLOCK), b),
@@ -130,9 +129,7 @@ def _check_room(m: int, n: int, nbytes_per_particle: int) -> None:
     The batch's images and CTFs must fit in half the free device memory (the
     rest holds the volume, the weights and each stage's phase tables).
     """
-    import pycuda.driver as cuda
-
-    free, _total = cuda.mem_get_info()
+    free = free_memory()
     need = m * nbytes_per_particle
     if need > free // 2:
         fit = max(1, (free // 2) // max(1, nbytes_per_particle))
@@ -220,14 +217,13 @@ class CudaBatchOps:
 
     def _weights(self, npix: int, start: int, stop: int):
         """``(Y, w1)`` of particles ``start:stop`` over the first ``npix`` pixels (cached)."""
-        from pycuda import gpuarray
 
         key = (npix, start, stop)
         hit = self._cache.get(key)
         if hit is None:
             b = stop - start
-            y_g = gpuarray.empty((b, npix), dtype=np.complex64)
-            w1_g = gpuarray.empty((b, npix), dtype=np.float32)
+            y_g = empty((b, npix), np.complex64)
+            w1_g = empty((b, npix), np.float32)
             self._fold(
                 self.images_g, self.ctf_g, np.int32(self.ctf_stride), self.sigma_g,
                 np.int32(self.sigma_stride), self.flat_g, self.mult_g, self.shell_g,
@@ -260,7 +256,6 @@ class CudaBatchOps:
         ``candidate_rotations``, in double) from the (m, 3, 3) consensus
         matrices and the (m, J, 3) rotation vectors: only those are uploaded.
         """
-        from pycuda import gpuarray
 
         n_rot = rotvecs_deg.shape[1]
         a_cons = np.asarray(a_cons, dtype=np.float64)
@@ -269,8 +264,8 @@ class CudaBatchOps:
 
         def poses(start, stop):
             b = stop - start
-            rot_g = gpuarray.empty((b, n_rot, 9), dtype=np.float32)
-            rs_g = gpuarray.empty((b, n_rot, 2), dtype=np.float32)
+            rot_g = empty((b, n_rot, 9), np.float32)
+            rs_g = empty((b, n_rot, 2), np.float32)
             self._rotations(
                 to_device(a_cons[start:stop].reshape(b, 9), np.float64),
                 to_device(rotvecs_deg[start:stop], np.float64), np.int32(b),
@@ -284,7 +279,6 @@ class CudaBatchOps:
     def _score(self, poses, n_rot: int, shifts_px, r_max_px) -> CudaGrid:
         """Score on the device, in particle chunks that fit; ``poses(start, stop)``
         gives the chunk's device rotations (b, J, 9) and fulcrum terms (or None)."""
-        from pycuda import gpuarray
 
         m = self.m
         n_shift = shifts_px.shape[1]
@@ -299,13 +293,13 @@ class CudaBatchOps:
             stop = min(start + batch, m)
             b = stop - start
             y_g, w1_g = self._weights(npix, start, stop)
-            z_g = gpuarray.empty((b, n_shift, npix), dtype=np.complex64)
+            z_g = empty((b, n_shift, npix), np.complex64)
             launch_phase_table(
                 y_g, to_device(shifts_px[start:stop], np.float32), self.kx_g, self.ky_g,
                 b=b, n_shift=n_shift, npix=npix, n=self.n, z_g=z_g,
             )  # fmt: skip
             rot_g, rs_g = poses(start, stop)
-            e_g = gpuarray.empty((b, n_rot, n_shift), dtype=np.float32)
+            e_g = empty((b, n_rot, n_shift), np.float32)
             launch_score_tiles(
                 variant_for(n_shift), self.projector, rot_g, rs_g,
                 self.kx_g, self.ky_g, w1_g, z_g, e_g,
@@ -317,14 +311,13 @@ class CudaBatchOps:
 
     def _power_g(self, rotations, npix: int):
         """The bound's power (m, npix) float32 on the device (kernel ``projection_power``)."""
-        from pycuda import gpuarray
 
         m = self.m
         _, w1_g = self._weights(npix, 0, m)
         rot_g = to_device(
             np.asarray(rotations, dtype=np.float64).reshape(m, 9), np.float32
         )
-        out_g = gpuarray.empty((m, npix), dtype=np.float32)
+        out_g = empty((m, npix), np.float32)
         self._power(
             self.vol, np.int32(self.projector.c), np.float32(self.projector.padding),
             rot_g, np.int32(m), self.kx_g, self.ky_g, w1_g, np.int32(npix), out_g,
@@ -350,14 +343,13 @@ class CudaBatchOps:
         ``power * weights(|k|)`` over the pixels in float64, and only the (m, W)
         sums come back.
         """
-        from pycuda import gpuarray
 
         npix = self._npix(r_max_px)
         w = np.ascontiguousarray(weights(self.radius[:npix]), dtype=np.float64)
         if w.ndim != 2 or w.shape[1] != npix:
             raise ValueError(f"weights must have shape (W, {npix}); got {w.shape}")
         power_g = self._power_g(rotations, npix)
-        out_g = gpuarray.empty((self.m, w.shape[0]), dtype=np.float64)
+        out_g = empty((self.m, w.shape[0]), np.float64)
         self._power_sums(
             power_g, np.int32(self.m), np.int32(npix), to_device(w, np.float64),
             np.int32(w.shape[0]), out_g,

@@ -68,7 +68,18 @@ __device__ __forceinline__ int lr_wide_index(int r, int h) {
 // bank conflict on the tiles' stores (once per pixel and rotation or shift,
 // against TJ/16 + TS/16 loads per pixel and thread). Each score is the same
 // sum in the same order as with the plain mapping.
-template <int TJ, int TS, bool CELLS, bool WIDE = false>
+// RLANES ("rotation lanes"): the slice values are interpolated with lane ->
+// rotation and warp -> pixel instead of lane -> pixel and warp -> rotation.
+// The rotations of a tile are neighbouring cells of the local search (a few
+// degrees apart), so at one pixel the 32 lanes' trilinear corners fall in a
+// few sectors: 7-16 distinct 32-byte sectors per warp-wide load in the
+// search's tiles at box 256 against 29-31 with lane -> pixel
+// (benchmarks/gather_sectors.py), i.e. fewer L1 wavefronts for the gathers
+// that bound the kernel. The slice stores become conflict-free rows. The
+// products are the same sums in the same order; the |P|^2 term adds each
+// rotation's pixels per warp, then the 8 warps (another order: equal to
+// rounding).
+template <int TJ, int TS, bool CELLS, bool WIDE = false, bool RLANES = false>
 __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
                                                const float4* __restrict__ cells, int c, int rc,
                                                float padding, const float* __restrict__ rot,
@@ -112,7 +123,7 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
 
     const float* w1i = w1 + (size_t)i * npix;
     const float2* zi = z + (size_t)i * S * npix;
-    float a_acc[TJ / 8];  // |P|^2 term of rotations warp + 8 k
+    float a_acc[TJ / 8];  // |P|^2 term of rotations warp + 8 k (RLANES: lane + 32 k)
 #pragma unroll
     for (int k = 0; k < TJ / 8; ++k) a_acc[k] = 0.0f;
     float acc[NJ][NS];
@@ -122,29 +133,36 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
         for (int q = 0; q < NS; ++q) acc[h][q] = 0.0f;
 
     for (int p0 = 0; p0 < npix; p0 += LR_TP) {
-        // slice values: lane -> pixel (neighbouring pixels read neighbouring voxels)
+        // slice values: lane -> pixel (neighbouring pixels read neighbouring
+        // voxels) or, RLANES, lane -> rotation (see above)
         const int p = p0 + lane;
         const bool pin = p < npix;
         const float kxp = pin ? kx[p] : 0.0f, kyp = pin ? ky[p] : 0.0f;
         const float w = pin ? w1i[p] : 0.0f;
 #pragma unroll
         for (int k = 0; k < TJ / 8; ++k) {
-            const int jj = warp + 8 * k;
+            // RLANES: pixel warp + 8 (k % 4) of the step (its kx, ky, w1 from
+            // the lane that loaded them), rotation lane + 32 (k / 4)
+            const int pp = RLANES ? warp + 8 * (k & 3) : lane;
+            const int jj = RLANES ? lane + 32 * (k >> 2) : warp + 8 * k;
+            const float kxs = RLANES ? __shfl_sync(0xffffffffu, kxp, pp) : kxp;
+            const float kys = RLANES ? __shfl_sync(0xffffffffu, kyp, pp) : kyp;
+            const float ws = RLANES ? __shfl_sync(0xffffffffu, w, pp) : w;
             float2 v = make_float2(0.0f, 0.0f);
-            if (pin && j0 + jj < J) {
+            if (p0 + pp < npix && j0 + jj < J) {
                 float qx, qy, qz;
-                lr_slice_point(rot_s[jj], kxp, kyp, padding, &qx, &qy, &qz);
+                lr_slice_point(rot_s[jj], kxs, kys, padding, &qx, &qy, &qz);
                 v = CELLS ? lr_sample_cells(cells, c, rc, qx, qy, qz)
                           : lr_sample(vol, c, qx, qy, qz);
                 if (rshift) {  // launch-uniform branch
                     float sn, cs;
-                    sincospif(sign * 2.0f * (kxp * rot_s[jj][6] + kyp * rot_s[jj][7]) / (float)n,
+                    sincospif(sign * 2.0f * (kxs * rot_s[jj][6] + kys * rot_s[jj][7]) / (float)n,
                               &sn, &cs);
                     v = make_float2(v.x * cs - v.y * sn, v.x * sn + v.y * cs);
                 }
-                a_acc[k] += w * (v.x * v.x + v.y * v.y);
+                a_acc[RLANES ? (k >> 2) : k] += ws * (v.x * v.x + v.y * v.y);
             }
-            p_s[lane][jj] = v;
+            p_s[pp][jj] = v;
         }
         // phase-table tile: lane -> pixel (coalesced), warp + 8 k -> shift
 #pragma unroll
@@ -191,13 +209,28 @@ __device__ __forceinline__ void lr_score_tiles(const float2* __restrict__ vol,
         }
         __syncthreads();
     }
-    // |P|^2 terms: reduce over the 32 pixels (lanes) of each warp
+    if (RLANES) {
+        // |P|^2 terms: rotation lane + 32 h summed over the pixels of each
+        // warp; add the 8 warps' sums in order (p_s is free after the loop)
+        float* part = reinterpret_cast<float*>(&p_s[0][0]);  // [8][TJ]
 #pragma unroll
-    for (int k = 0; k < TJ / 8; ++k) {
-        float v = a_acc[k];
+        for (int h = 0; h < TJ / 32; ++h) part[warp * TJ + lane + 32 * h] = a_acc[h];
+        __syncthreads();
+        if (t < TJ) {
+            float v = 0.0f;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-        if (lane == 0) a_s[warp + 8 * k] = v;
+            for (int q = 0; q < 8; ++q) v += part[q * TJ + t];
+            a_s[t] = v;
+        }
+    } else {
+        // |P|^2 terms: reduce over the 32 pixels (lanes) of each warp
+#pragma unroll
+        for (int k = 0; k < TJ / 8; ++k) {
+            float v = a_acc[k];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+            if (lane == 0) a_s[warp + 8 * k] = v;
+        }
     }
     __syncthreads();
     float* outi = out + (size_t)i * J * S;
@@ -336,4 +369,66 @@ score_tiles_s64_cells_occ4(const float4* __restrict__ cells, int c, int rc, floa
     if (blockIdx.z >= (unsigned)m) return;
     lr_score_tiles<32, 64, true>(nullptr, cells, c, rc, padding, rot, rshift, n, sign, m, J,
                                  kx, ky, w1, z, S, npix, out);
+}
+
+// The s32, s64, j64_s64, s64_cells and s64_wide tiles with rotation lanes
+// (RLANES: lane -> rotation while the slices are interpolated);
+// $LOCALREFINE_SCORE_LANES=rotations selects them in the search
+// (cuda_scoring.variant_for); measured by bench_gpu.py.
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+score_tiles_rl(const float2* __restrict__ vol, int c, float padding,
+               const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+               float sign, int m, int J, const float* __restrict__ kx,
+               const float* __restrict__ ky, const float* __restrict__ w1,
+               const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 32, false, false, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                               sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64_rl(const float2* __restrict__ vol, int c, float padding,
+                   const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                   float sign, int m, int J, const float* __restrict__ kx,
+                   const float* __restrict__ ky, const float* __restrict__ w1,
+                   const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 64, false, false, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                               sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 1)
+score_tiles_j64_s64_rl(const float2* __restrict__ vol, int c, float padding,
+                       const float* __restrict__ rot, const float* __restrict__ rshift,
+                       int n, float sign, int m, int J, const float* __restrict__ kx,
+                       const float* __restrict__ ky, const float* __restrict__ w1,
+                       const float2* __restrict__ z, int S, int npix,
+                       float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<64, 64, false, false, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                               sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64_cells_rl(const float4* __restrict__ cells, int c, int rc, float padding,
+                         const float* __restrict__ rot, const float* __restrict__ rshift,
+                         int n, float sign, int m, int J, const float* __restrict__ kx,
+                         const float* __restrict__ ky, const float* __restrict__ w1,
+                         const float2* __restrict__ z, int S, int npix,
+                         float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 64, true, false, true>(nullptr, cells, c, rc, padding, rot, rshift, n,
+                                              sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS, 2)
+score_tiles_s64_wide_rl(const float2* __restrict__ vol, int c, float padding,
+                        const float* __restrict__ rot, const float* __restrict__ rshift,
+                        int n, float sign, int m, int J, const float* __restrict__ kx,
+                        const float* __restrict__ ky, const float* __restrict__ w1,
+                        const float2* __restrict__ z, int S, int npix,
+                        float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 64, false, true, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                              sign, m, J, kx, ky, w1, z, S, npix, out);
 }
