@@ -91,6 +91,12 @@ QUICK = dict(
 #: kernel variants also timed in a whole search (batches of 128), each at every
 #: stage, to decide the search's default (``cuda_scoring.variant_for``)
 SEARCH_VARIANTS = ("s64_wide", "j64_s64", "j64_s64_cells")
+#: kernel variants timed alone on rotations clustered as in the search, with
+#: and without rotation lanes (``_rl``: lane -> rotation while interpolating)
+CLUSTERED_VARIANTS = (
+    "s64", "s64_rl", "j64_s64", "j64_s64_rl", "s64_wide", "s64_wide_rl",
+    "s64_cells", "s64_cells_rl", "j64_s64_cells",
+)  # fmt: skip
 
 
 def counts(n: int, quick: bool) -> dict:
@@ -147,6 +153,23 @@ def stage_candidates(a, o, rng):
     rots = np.einsum("mij,mnjk->mnik", a, delta)
     shifts = o[:, None, :] + rng.uniform(-3, 3, (m, S_STAGE, 2))
     return rots, shifts
+
+
+def clustered_candidates(a, rng, parents: int = 64):
+    """J_STAGE rotations as the search's stages form them: ``parents`` cells
+    within 10 deg of each pose, each split into its 8 children 0.5 deg from its
+    centre (rotation vectors, degrees), children of a parent next to each other."""
+    m = a.shape[0]
+    axes = rng.normal(size=(m, parents, 3))
+    axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
+    centres = axes * rng.uniform(0, 10, (m, parents, 1))
+    corners = 0.5 * np.array(
+        [[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]
+    ) / np.sqrt(3)  # fmt: skip
+    v = (centres[:, :, None, :] + corners).reshape(m, -1, 3)[:, :J_STAGE]
+    angle = np.linalg.norm(v, axis=-1)
+    delta = axis_angle_to_matrix(v / angle[..., None], angle)
+    return np.einsum("mij,mnjk->mnik", a, delta)
 
 
 def same_poses(rot_a, org_a, rot_b, org_b) -> str:
@@ -318,7 +341,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     import pycuda.driver as cuda
 
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
-    from localrefine_plugin.kernels.backend import to_device
+    from localrefine_plugin.kernels.backend import POOL_ENV, to_device
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
     from localrefine_plugin.kernels.cuda_projector import (
         _project_cuda,
@@ -327,6 +350,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         device_volume,
     )
     from localrefine_plugin.kernels.cuda_scoring import (
+        LANES_ENV,
         SAMPLER_ENV,
         VARIANT_ENV,
         VARIANTS,
@@ -379,22 +403,28 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
 
     # -- the kernels alone -------------------------------------------------------------
     start, stop = cuda.Event(), cuda.Event()
-    tile_times = {}
-    for variant in VARIANTS:  # every scoring kernel variant on the same data
-        launch = _ScoreLaunch(
-            proj, x, ctf, inv_s2, rots, shifts, None, float(r_max), variant
-        )
-        launch.scores()  # warm: compiles, and builds the cells of a cells variant
-        times = []
-        for _ in range(5):
-            start.record()
-            launch.phase_table()
-            launch.scores()
-            stop.record()
-            stop.synchronize()
-            times.append(stop.time_since(start) * 1e-3)
-        tile_times[variant] = float(np.median(times))
-        del launch
+
+    def kernel_times(variants, candidates) -> dict:
+        """Median seconds of phase_table + score_tiles per variant (5 runs)."""
+        out = {}
+        for variant in variants:
+            launch = _ScoreLaunch(
+                proj, x, ctf, inv_s2, candidates, shifts, None, float(r_max), variant
+            )
+            launch.scores()  # warm: compiles, and builds the cells of a cells variant
+            times = []
+            for _ in range(5):
+                start.record()
+                launch.phase_table()
+                launch.scores()
+                stop.record()
+                stop.synchronize()
+                times.append(stop.time_since(start) * 1e-3)
+            out[variant] = float(np.median(times))
+            del launch
+        return out
+
+    tile_times = kernel_times(VARIANTS, rots)  # every variant on the same data
     res["kernel_s_by_variant"] = tile_times
     best = min(tile_times, key=tile_times.get)
     res["kernel_variant"] = best
@@ -436,6 +466,29 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         )  # fmt: skip
     )
 
+    # the same stage with the rotations clustered as the search's stages form
+    # them (children of cells next to each other): what the rotation lanes
+    # (the _rl variants) are for; same FLOP count
+    rots_c = clustered_candidates(a, rng)
+    clustered = kernel_times(CLUSTERED_VARIANTS, rots_c)
+    res["kernel_s_by_variant_clustered"] = clustered
+    best_c = min(clustered, key=clustered.get)
+    res["kernel_variant_clustered"] = best_c
+    res["kernel_tflops_clustered"] = flops / clustered[best_c] / 1e12
+    if peaks:
+        res["fp32_fraction_clustered"] = res["kernel_tflops_clustered"] / peaks[0]
+    log(
+        "  kernels alone, rotations clustered as in the search (64 cells x 8 children; "
+        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in clustered.items())
+        + f"); fastest {best_c}: {clustered[best_c] * 1e3:.2f} ms, "
+        f"{res['kernel_tflops_clustered']:.2f} TFLOP/s"
+        + (
+            f" ({100 * res['fp32_fraction_clustered']:.1f}% of FP32 peak)"
+            if peaks
+            else ""
+        )
+    )
+
     # -- a whole local search (the search part of one iteration) -----------------------
     # --device cuda: the GPU score_fn binds each batch to the device (folded
     # weights once, grids reduced on the GPU); "per call": the same kernels
@@ -463,6 +516,15 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         "bound_batch128_cells": dict(
             score_fn=score_fn, power_fn=power_fn, batch_size=batch, sampler="cells"
         ),
+        # rotation lanes: the _rl twins of s32 / s64 ($LOCALREFINE_SCORE_LANES)
+        "bound_batch128_rlanes": dict(
+            score_fn=score_fn, power_fn=power_fn, batch_size=batch, lanes="rotations"
+        ),
+        # device arrays allocated directly, without the memory pool
+        # ($LOCALREFINE_GPU_POOL=0: every free waits for the GPU)
+        "bound_batch128_nopool": dict(
+            score_fn=score_fn, power_fn=power_fn, batch_size=batch, pool="0"
+        ),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -482,6 +544,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         cfg = dict(cfg)
         os.environ[SAMPLER_ENV] = cfg.pop("sampler", "volume")
         os.environ[VARIANT_ENV] = cfg.pop("variant", "")
+        os.environ[LANES_ENV] = cfg.pop("lanes", "pixels")
+        os.environ[POOL_ENV] = cfg.pop("pool", "1")
         local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
 
         def gpu_search(cfg=cfg, key=key):
@@ -489,6 +553,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
     os.environ[SAMPLER_ENV], os.environ[VARIANT_ENV] = "volume", ""
+    os.environ[LANES_ENV], os.environ[POOL_ENV] = "pixels", "1"
     res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
     cells, volume = found["bound_batch128_cells"], found["bound_batch128"]
     res["cells_same_pose"] = same_poses(
@@ -497,6 +562,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     for v in SEARCH_VARIANTS:
         got = found[f"variant_{v}"]
         res[f"variant_{v}_same_pose"] = same_poses(
+            got.rotations, got.origins_px, volume.rotations, volume.origins_px
+        )
+    for key in ("rlanes", "nopool"):
+        got = found[f"bound_batch128_{key}"]
+        res[f"{key}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
         )
     profile = cProfile.Profile()
@@ -543,6 +613,14 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"{res['same_pose_as_cpu']} particles"
     )
     log(
+        "  local search, batches of 128: rotation lanes ($LOCALREFINE_SCORE_LANES="
+        f"rotations) {res['gpu_particles_per_s_bound_batch128_rlanes']:.4g} particles/s "
+        f"(same pose for {res['rlanes_same_pose']}); without the memory pool "
+        f"($LOCALREFINE_GPU_POOL=0) {res['gpu_particles_per_s_bound_batch128_nopool']:.4g}"
+        f" (same pose for {res['nopool_same_pose']}); default "
+        f"{res['gpu_particles_per_s_bound_batch128']:.4g}"
+    )
+    log(
         "  local search, batches of 128, one kernel variant at every stage "
         "($LOCALREFINE_SCORE_VARIANT): "
         + "; ".join(
@@ -564,8 +642,15 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         > res["gpu_particles_per_s_bound_batch128"]
         else "volume"
     )
-    res["processes_sampler"] = sampler
-    os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit it
+    lanes = (
+        "rotations"
+        if res["gpu_particles_per_s_bound_batch128_rlanes"]
+        > res["gpu_particles_per_s_bound_batch128"]
+        else "pixels"
+    )
+    res["processes_sampler"], res["processes_lanes"] = sampler, lanes
+    os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit them
+    os.environ[LANES_ENV] = lanes
     for k in count["processes"]:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
@@ -581,11 +666,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         )
         log(
             f"  local search, {k} processes sharing the GPU (batches of 128, "
-            f"reading the {sampler}): "
+            f"reading the {sampler}, lanes -> {lanes}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )
-    os.environ[SAMPLER_ENV] = "volume"
+    os.environ[SAMPLER_ENV], os.environ[LANES_ENV] = "volume", "pixels"
 
     # -- projection and back-projection -------------------------------------------------
     m_p = count["project_gpu"]

@@ -20,6 +20,14 @@ Rotations are drawn as in ``bench_gpu.py``'s stage (a random consensus, the
 tile's rotations within ``--spread`` degrees of it); radius 0.4 N, padding 2::
 
     python benchmarks/gather_sectors.py --boxes 128 256
+
+``--search M`` also runs the engine's local search (defaults: 10 deg, 3 px,
+0.5 deg; radius 0.4 N; the CPU path) on M particles of ``bench_gpu.py``'s map
+and counts, for the tiles of 32 rotations its stages really score (each
+stage's candidates of one particle, in the search's order, radius order of the
+pixels), the distinct sectors of one warp-wide load of a trilinear corner with
+the two lane mappings of ``scoring.cu``: lane -> pixel (the default kernels)
+and lane -> rotation (the ``_rl`` variants, ``RLANES``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_gpu
 
 from localrefine_plugin.engine.geometry import (  # noqa: E402
     axis_angle_to_matrix,
@@ -91,6 +100,79 @@ def count(n: int, order: str, layout: str, tiles: int, spread_deg: float, rng):
     return float(np.mean(per_load)), float(np.mean(per_warp)), float(np.mean(per_tile))
 
 
+def _distinct(sec: np.ndarray) -> np.ndarray:
+    """Distinct values along the last axis."""
+    s = np.sort(sec, axis=-1)
+    return 1 + np.sum(np.diff(s, axis=-1) != 0, axis=-1)
+
+
+def warp_load_sectors(
+    rotations: np.ndarray, k: np.ndarray, c: int
+) -> tuple[float, float]:
+    """Mean distinct sectors of one warp-wide corner load of a tile, reading the volume.
+
+    ``rotations``: (32, 3, 3) the tile's matrices; ``k``: (P, 2) its pixels
+    (P a multiple of 32, in the kernels' order); ``c``: the padded volume's
+    radius (padding 2). Returns (lane -> pixel, lane -> rotation).
+    """
+    q = 2 * np.einsum("pi,jik->jpk", k, rotations[:, :2, :])  # (32 rot, P, 3)
+    sec = sample_bytes(q, c, "volume", c) // SECTOR  # (8 corners, 32 rot, P)
+    by_pixel = sec.reshape(8, TILE, -1, TILE)  # one load: a rotation, 32 pixels
+    by_rotation = sec.transpose(0, 2, 1)  # one load: a pixel, 32 rotations
+    return float(_distinct(by_pixel).mean()), float(_distinct(by_rotation).mean())
+
+
+def search_tiles(n: int, m: int, seed: int = 1) -> list[dict]:
+    """Per scoring call of a real local search at box ``n`` (``m`` particles):
+    its radius, candidates per particle, and the mean sectors per warp load
+    with each lane mapping over its full tiles of 32 rotations."""
+    import bench_gpu
+
+    from localrefine_plugin.engine import search_ops
+    from localrefine_plugin.engine.projector import FourierProjector
+    from localrefine_plugin.engine.search import local_search
+
+    calls = []
+    score = search_ops.HostBatchOps.score
+
+    def recording(self, rotations, shifts_px, **kw):
+        calls.append((rotations.copy(), kw["counts"][0].copy(), kw["r_max_px"]))
+        return score(self, rotations, shifts_px, **kw)
+
+    rng = np.random.default_rng(seed)
+    proj = FourierProjector(bench_gpu.blob_volume(n), r_max_px=0.4 * n + 1)
+    x, ctf, inv_s2, a, o = bench_gpu.particles(proj, m, rng)
+    a_cons = np.einsum(
+        "mij,mjk->mik", a, axis_angle_to_matrix(rng.normal(size=(m, 3)), 3.0)
+    )
+    search_ops.HostBatchOps.score = recording
+    try:
+        local_search(
+            proj, x, ctf, inv_s2, consensus_rotations=a_cons,
+            consensus_origins_px=o + 0.7, r_max_px=0.4 * n, fulcrum_px=np.zeros(3),
+        )  # fmt: skip
+    finally:
+        search_ops.HostBatchOps.score = score
+    rows = []
+    for rotations, n_rot, radius in calls:
+        if n_rot.max() < TILE:
+            continue  # the stages' single best poses: no full tile
+        _, kx, ky, _, _ = half_plane_pixels(n, radius)
+        o_ = np.argsort(kx * kx + ky * ky, kind="stable")
+        k = np.stack([kx[o_], ky[o_]], -1)[: (kx.size // TILE) * TILE]
+        loads = [
+            warp_load_sectors(rotations[i, j0 : j0 + TILE], k, n)
+            for i in range(rotations.shape[0])
+            for j0 in range(0, int(n_rot[i]) - TILE + 1, TILE)
+        ]
+        rows.append(dict(
+            radius=float(radius), rotations=(int(n_rot.min()), int(n_rot.max())),
+            pixel_lanes=float(np.mean([v[0] for v in loads])),
+            rotation_lanes=float(np.mean([v[1] for v in loads])),
+        ))  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--boxes", type=int, nargs="+", default=[128, 256])
@@ -100,6 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--spread", type=float, default=5.0, help="tile rotations within, deg"
     )
+    ap.add_argument(
+        "--search", type=int, default=0, metavar="M",
+        help="also count the tiles of a real local search on M particles",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     print(
         f"load average {os.getloadavg()[0]:.2f}; sectors of {SECTOR} bytes per sample"
@@ -117,6 +203,21 @@ def main(argv=None) -> int:
                     end="",
                 )
                 print(f" {row['volume'][2] / tile:.2f}x" if layout == "cells" else "")
+    if args.search:
+        print(
+            "\nthe local search's own tiles (volume, radius order): distinct sectors "
+            "per warp-wide corner load, of 32"
+        )
+        print(
+            "box | radius px | rotations per particle | lane -> pixel | lane -> rotation"
+        )
+        for n in args.boxes:
+            for row in search_tiles(n, args.search):
+                lo, hi = row["rotations"]
+                print(
+                    f"{n} | {row['radius']:.1f} | {lo}-{hi} | {row['pixel_lanes']:.1f} | "
+                    f"{row['rotation_lanes']:.1f}"
+                )
     return 0
 
 

@@ -10,8 +10,11 @@
 # (bench_iteration's particles at box 256, default 3000); LR_ITER_THREADS (its
 # --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
-# "j64_s64 j64_s64_cells"; default none); LR_NCU_VARIANTS (kernels profiled by ncu,
-# default "s64 s64_wide j64_s64_cells_wide", 64 particles at box 256).
+# "j64_s64 j64_s64_cells"; default none); LR_ITER_LANES (the iteration again with
+# $LOCALREFINE_SCORE_LANES set to each, default "rotations"; "" for none);
+# LR_NCU_VARIANTS (kernels profiled by ncu, default "s64 s64_rl s64_wide_rl", 64
+# particles at box 256); LR_NCU_SEARCH (particles of the one-batch GPU search whose
+# every kernel ncu times, default 256; 0 for none).
 #
 # Needs in .device/ (git-ignored; fill it where pip works, see docs/gpu.md):
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
@@ -19,9 +22,10 @@
 # Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
 # gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, bench_iteration.txt
 # (one whole iteration at box 256 where time is left, with its cProfile table and
-# the runs with LR_ITER_VARIANTS) and bench_iteration.json, and ncu.txt (an
-# Nsight Compute profile of the scoring kernels, where ncu exists and time is
-# left): 8 files, the most a device call brings back.
+# the runs with LR_ITER_VARIANTS and LR_ITER_LANES) and bench_iteration.json, and
+# ncu.txt (an Nsight Compute profile of the scoring kernels, then the device time
+# per kernel of one whole search at box 256, where ncu exists and time is left):
+# 8 files, the most a device call brings back.
 # Time: ~25 s build on 16 cores, tests and benchmark capped by timeouts so the
 # whole script ends within ~8 minutes.
 set -u -o pipefail
@@ -192,6 +196,11 @@ if want iteration; then
         iteration "kernel $variant"
     done
     unset LOCALREFINE_SCORE_VARIANT
+    for lanes in ${LR_ITER_LANES-rotations}; do
+        export LOCALREFINE_SCORE_LANES=$lanes
+        iteration "lanes -> $lanes"
+    done
+    unset LOCALREFINE_SCORE_LANES
     if [ -f "$WORK/iteration_profile.txt" ]; then
         { echo "=== cProfile of the default run (main thread)"; cat "$WORK/iteration_profile.txt"; } >> "$ITER"
     fi
@@ -206,9 +215,25 @@ elif [ -n "$NCU" ] && [ $left -gt 45 ]; then
     timeout $left "$NCU" --clock-control none -k regex:score_tiles --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section Occupancy \
         $PY benchmarks/profile_scoring.py --box 256 --particles 64 \
-        --variants ${LR_NCU_VARIANTS:-s64 s64_wide j64_s64_cells_wide} \
+        --variants ${LR_NCU_VARIANTS:-s64 s64_rl s64_wide_rl} \
         > "$OUTDIR/ncu.txt" 2>&1
     stamp "ncu exit $? ($(wc -l < "$OUTDIR/ncu.txt") lines)"
+    left=$((560 - ($(date +%s) - T0)))
+    m=${LR_NCU_SEARCH:-256}
+    if [ "$m" -gt 0 ] && [ $left -gt 30 ]; then
+        # every kernel of one whole search batch, timed by ncu (no replay of
+        # other metrics); the summary goes to the end of ncu.txt
+        stamp "device time per kernel of one GPU search of $m particles (timeout $left s)"
+        timeout $left "$NCU" --csv --metrics gpu__time_duration.sum \
+            $PY benchmarks/profile_scoring.py --box 256 --search "$m" \
+            > "$WORK/ncu_search.csv" 2>&1
+        stamp "ncu exit $?"
+        { echo; echo "=== device time per kernel, one GPU search of $m particles at box 256"
+          grep -v '^"' "$WORK/ncu_search.csv" | grep -v '^==PROF==' | tail -3
+          $PY benchmarks/profile_scoring.py --summarise "$WORK/ncu_search.csv"
+        } >> "$OUTDIR/ncu.txt" 2>&1
+        tail -12 "$OUTDIR/ncu.txt"
+    fi
 else
     stamp "no ncu profile (ncu: ${NCU:-not found}; $left s left)"
 fi

@@ -34,8 +34,9 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     """`benchmarks/bench_gpu.py` end to end at a tiny box (smaller stage and
     search, K processes on the CPU path): every measurement runs, the GPU
     search finds the CPU's poses whether the kernels read the volume or its
-    cells, and the summary with the 10^6-particle estimate prints. A GPU
-    session is scarce; a benchmark that breaks there wastes it."""
+    cells, with rotation lanes and without the memory pool, and the summary
+    with the 10^6-particle estimate prints. A GPU session is scarce; a
+    benchmark that breaks there wastes it."""
     monkeypatch.setattr(bench, "QUICK", dict(
         score_gpu=1, score_cpu=1, search_gpu=2, search_cpu=1, search_batch=1,
         project_gpu=4, project_cpu=2, processes=(2,),
@@ -64,6 +65,9 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
                 "gpu_insert_resident_per_s",
                 "gpu_particles_per_s_processes2", "fp32_fraction",
+                "kernel_s_by_variant_clustered", "fp32_fraction_clustered",
+                "gpu_particles_per_s_bound_batch128_rlanes",
+                "gpu_particles_per_s_bound_batch128_nopool",
                 "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
         assert key in res, key
     assert set(res["kernel_s_by_variant"]) == set(
@@ -73,6 +77,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     assert res["cells_same_pose"] == "2 of 2"
     for v in bench.SEARCH_VARIANTS:
         assert res[f"variant_{v}_same_pose"] == "2 of 2", v
+    assert set(res["kernel_s_by_variant_clustered"]) == set(bench.CLUSTERED_VARIANTS)
+    assert res["rlanes_same_pose"] == res["nopool_same_pose"] == "2 of 2"
     assert res["processes2_same_pose"] == "2 of 2"
     results = {"boxes": [dict(res, box=256)]}
     bench.report(results, log)

@@ -30,3 +30,23 @@ def test_cell_offsets_cover_the_cell(sectors):
     assert offsets.shape == (4, 1)
     np.testing.assert_array_equal(np.diff(offsets[:, 0]), [16, 16, 16])
     assert offsets[0, 0] % 64 == 0
+
+
+def test_rotation_lanes_share_sectors_when_rotations_agree(sectors):
+    """One warp load with lane -> rotation: 32 equal rotations read one address
+    (1 sector); lane -> pixel reads 32 pixels' corners (many sectors)."""
+    rng = np.random.default_rng(2)
+    same = np.repeat(np.eye(3)[None], 32, axis=0)
+    k = rng.integers(-12, 13, (64, 2)).astype(float)
+    by_pixel, by_rotation = sectors.warp_load_sectors(same, k, 48)
+    assert by_rotation == 1.0
+    assert by_pixel > 8
+
+
+def test_the_search_tiles_read_fewer_sectors_with_rotation_lanes(sectors):
+    """In the tiles a real local search scores (box 48), lane -> rotation needs
+    fewer sectors per warp load than lane -> pixel, at every stage."""
+    rows = sectors.search_tiles(48, 1)
+    assert rows, "the search scored no full tile"
+    for row in rows:
+        assert 1 <= row["rotation_lanes"] < row["pixel_lanes"] <= 32
