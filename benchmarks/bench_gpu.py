@@ -229,16 +229,19 @@ def _search_process(
 
 def search_in_processes(
     k: int, device: str, n: int, r_max: int, data, kw, *, batch_size: int,
-    repeat: int = 2, timeout_s: float = 300.0,
+    repeat: int = 2, timeout_s: float = 300.0, whole: bool = False,
 ):  # fmt: skip
     """Particles/s of K processes sharing the device, each searching a block.
 
     ``data = (images, ctf, inv_sigma2, consensus_rotations, consensus_origins)``
     for all M particles, dealt in contiguous blocks (as MPI ranks get them);
-    ``kw``: the other ``local_search`` arguments. Rate: M over the span from
-    the first start to the last stop, best of ``repeat``. Returns ``(rate,
-    rotations, origins)``, the poses in particle order. A process that does
-    not report within ``timeout_s`` fails the measurement.
+    with ``whole``, every process searches all M (K M particles in all: each
+    process keeps its batch size whatever K, as ranks of a large data set
+    do). ``kw``: the other ``local_search`` arguments. Rate: the particles
+    searched over the span from the first start to the last stop, best of
+    ``repeat``. Returns ``(rate, rotations, origins)``, the poses in particle
+    order (with ``whole``, the K processes' in rank order). A process that
+    does not report within ``timeout_s`` fails the measurement.
     """
     import multiprocessing as mp
     import queue as queue_mod
@@ -246,6 +249,10 @@ def search_in_processes(
     ctx = mp.get_context("spawn")  # a fresh process: its own CUDA context
     m = data[0].shape[0]
     bounds = np.linspace(0, m, k + 1).astype(int)
+    blocks = [
+        data if whole else tuple(d[bounds[r] : bounds[r + 1]] for d in data)
+        for r in range(k)
+    ]
     barrier, out = ctx.Barrier(k), ctx.Queue()
     procs = [
         ctx.Process(
@@ -255,7 +262,7 @@ def search_in_processes(
                 device,
                 n,
                 r_max,
-                tuple(d[bounds[r] : bounds[r + 1]] for d in data),
+                blocks[r],
                 kw,
                 batch_size,
                 repeat,
@@ -293,8 +300,10 @@ def search_in_processes(
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"{k} search processes: exit codes {bad}")
+    searched = k * m if whole else m
     rate = max(
-        m / (max(got[r][0][i][1] for r in got) - min(got[r][0][i][0] for r in got))
+        searched
+        / (max(got[r][0][i][1] for r in got) - min(got[r][0][i][0] for r in got))
         for i in range(repeat)
     )
     rot = np.concatenate([got[r][1] for r in range(k)])
@@ -632,7 +641,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
 
     # -- K processes sharing the GPU, as `mpirun -np K` ranks on one GPU ----------------
     # (each with its own CUDA context; the host work of one overlaps the
-    # kernels of the others); the same particles as above, in K blocks
+    # kernels of the others); each process searches all the particles above
+    # in batches of 128, as each rank of a large data set does whatever K
     data = (xs, cs, ss, a_cons, o_s + 0.7)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
     ref = found["bound_batch128"]
@@ -654,19 +664,23 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     for k in count["processes"]:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
-                k, "cuda", n, r_max, data, kw_p, batch_size=batch, timeout_s=120.0
-            )
+                k, "cuda", n, r_max, data, kw_p, batch_size=batch, timeout_s=120.0,
+                whole=True,
+            )  # fmt: skip
         except RuntimeError as exc:
             res[f"processes{k}_error"] = str(exc)
             log(f"  local search, {k} processes sharing the GPU: FAILED: {exc}")
             continue
         res[f"gpu_particles_per_s_processes{k}"] = rate
         res[f"processes{k}_same_pose"] = same_poses(
-            rot_k, org_k, ref.rotations, ref.origins_px
+            rot_k,
+            org_k,
+            np.tile(ref.rotations, (k, 1, 1)),
+            np.tile(ref.origins_px, (k, 1)),
         )
         log(
-            f"  local search, {k} processes sharing the GPU (batches of 128, "
-            f"reading the {sampler}, lanes -> {lanes}): "
+            f"  local search, {k} processes sharing the GPU (each all {m_s_gpu} "
+            f"particles in batches of 128, reading the {sampler}, lanes -> {lanes}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )

@@ -79,7 +79,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
         assert res[f"variant_{v}_same_pose"] == "2 of 2", v
     assert set(res["kernel_s_by_variant_clustered"]) == set(bench.CLUSTERED_VARIANTS)
     assert res["rlanes_same_pose"] == res["nopool_same_pose"] == "2 of 2"
-    assert res["processes2_same_pose"] == "2 of 2"
+    assert res["processes2_same_pose"] == "4 of 4"  # each process all 2
     results = {"boxes": [dict(res, box=256)]}
     bench.report(results, log)
     assert results["million_particles_box256_s"] > 0

@@ -47,6 +47,13 @@ def test_processes_find_the_poses_of_one_process(bench):
     assert np.isfinite(rate) and rate > 0
     np.testing.assert_array_equal(rot, one.rotations)
     np.testing.assert_array_equal(org, one.origins_px)
+    # whole: each process searches every particle (K M in all), the same poses
+    rate, rot, org = bench.search_in_processes(
+        2, "cpu", n, r_max, data, kw, batch_size=2, repeat=1, timeout_s=120, whole=True
+    )
+    assert np.isfinite(rate) and rate > 0
+    np.testing.assert_array_equal(rot, np.tile(one.rotations, (2, 1, 1)))
+    np.testing.assert_array_equal(org, np.tile(one.origins_px, (2, 1)))
 
 
 def test_a_failing_process_fails_the_measurement(bench):
