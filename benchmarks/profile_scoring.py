@@ -38,18 +38,21 @@ import bench_gpu  # noqa: E402
 from localrefine_plugin.engine.projector import FourierProjector  # noqa: E402
 
 
-def summarise(text: str) -> str:
+def summarise(text: str, top: int = 20) -> str:
     """Device time per kernel from ``ncu --csv --metrics gpu__time_duration.sum``.
 
     Lines before the CSV header (the script's own output, ncu's notes) are
-    skipped. Returns a table: kernel, launches, total ms, share; then the total
-    and, when the script printed ``particles: M``, the microseconds per particle.
+    skipped. Returns two tables: per kernel (launches, total ms, share), then
+    the ``top`` launch shapes (kernel and grid, i.e. one stage's launches)
+    by total time; then the total and, when the script printed
+    ``particles: M``, the microseconds per particle.
     """
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
         raise ValueError('no ncu CSV header (a line starting with "ID") in the input')
-    totals: dict[str, list] = {}
+    by_name: dict[str, list] = {}
+    by_shape: dict[tuple, list] = {}
     for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
@@ -57,18 +60,27 @@ def summarise(text: str) -> str:
         scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}[unit]
         value = float(row["Metric Value"].replace(",", "")) * scale
         name = row["Kernel Name"].split("(")[0]
-        entry = totals.setdefault(name, [0, 0.0])
-        entry[0] += 1
-        entry[1] += value
-    if not totals:
+        for table, key in (
+            (by_name, name),
+            (by_shape, (name, row.get("Grid Size", ""))),
+        ):
+            entry = table.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += value
+    if not by_name:
         raise ValueError("no gpu__time_duration.sum rows in the input")
-    all_ms = sum(v[1] for v in totals.values())
+    all_ms = sum(v[1] for v in by_name.values())
     out = ["kernel | launches | device ms | share"]
-    for name, (count, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+    for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
         out.append(f"{name} | {count} | {ms:.3f} | {100 * ms / all_ms:.1f}%")
     out.append(
-        f"all kernels | {sum(v[0] for v in totals.values())} | {all_ms:.3f} | 100%"
+        f"all kernels | {sum(v[0] for v in by_name.values())} | {all_ms:.3f} | 100%"
     )
+    out.append("")
+    out.append(f"kernel | grid | launches | device ms | share (the {top} largest)")
+    shapes = sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:top]
+    for (name, grid), (count, ms) in shapes:
+        out.append(f"{name} | {grid} | {count} | {ms:.3f} | {100 * ms / all_ms:.1f}%")
     particles = [
         int(line.split(":")[1])
         for line in lines[:start]

@@ -42,7 +42,10 @@ def test_summary_adds_the_device_time_per_kernel(profile):
     assert out[1] == "score_tiles_s64 | 2 | 2.000 | 88.9%"
     assert out[2] == "phase_table | 1 | 0.250 | 11.1%"
     assert out[3] == "all kernels | 3 | 2.250 | 100%"
-    assert out[4].startswith("per particle: 562.5 us of kernels (4 particles")
+    assert (
+        out[6] == "score_tiles_s64 | (4, 1, 2) | 2 | 2.000 | 88.9%"
+    )  # by launch shape
+    assert out[-1].startswith("per particle: 562.5 us of kernels (4 particles")
 
 
 def test_summary_refuses_text_without_ncu_rows(profile):
