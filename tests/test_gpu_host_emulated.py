@@ -895,17 +895,16 @@ def test_bound_batch_reading_cells_scores_exactly_as_reading_the_volume(
         ops.score(rots, shifts, r_max_px=4.5, rotation_shifts_px=None)
 
 
-def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
-    fake_pycuda, rng, monkeypatch
-):
-    """`$LOCALREFINE_SCORE_VARIANT` (for measurements) puts one kernel variant
-    under every stage, whatever S (here 40 and 20 shifts), with the default
-    variants' scores to float32 rounding; an unknown variant is refused."""
+def _stages_under(monkeypatch, rng, seed: int, settings: list[dict]):
+    """One bound batch (2 particles, 70 rotations) scored for 40 and 20 shifts
+    under each setting (environment variable -> value). Returns the variants
+    launched in order, the scores ``{(setting index, S): (m, J, S)}``, and the
+    last batch ops with its rotations and shifts."""
     from localrefine_plugin.kernels import cuda_search_ops
-    from localrefine_plugin.kernels.cuda_scoring import VARIANT_ENV, get_score_fn
+    from localrefine_plugin.kernels.cuda_scoring import get_score_fn
 
     m, n_rot = 2, 70
-    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=10, m=m, n_rot=n_rot)
+    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=seed, m=m, n_rot=n_rot)
     used = []
     launch = cuda_search_ops.launch_score_tiles
 
@@ -916,24 +915,38 @@ def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
     monkeypatch.setattr(cuda_search_ops, "launch_score_tiles", spy)
     shifts = {s: rng.uniform(-3, 3, (m, s, 2)) for s in (40, 20)}
     values = {}
-    for forced in ("", "j64_s64_cells"):
-        monkeypatch.setenv(VARIANT_ENV, forced)
+    for i, setting in enumerate(settings):
+        for name, value in setting.items():
+            monkeypatch.setenv(name, value)
         ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
         for n_shift in (40, 20):
             grid = ops.score(
                 rots, shifts[n_shift], r_max_px=8.0, rotation_shifts_px=None
             )
-            values[forced, n_shift] = grid.values(
+            values[i, n_shift] = grid.values(
                 np.zeros((m, n_rot)), np.zeros((m, n_shift))
             )
+    return used, values, (ops, rots, shifts[40])
+
+
+def test_a_forced_scoring_variant_serves_every_stage_with_the_same_scores(
+    fake_pycuda, rng, monkeypatch
+):
+    """`$LOCALREFINE_SCORE_VARIANT` (for measurements) puts one kernel variant
+    under every stage, whatever S (here 40 and 20 shifts), with the default
+    variants' scores to float32 rounding; an unknown variant is refused."""
+    from localrefine_plugin.kernels.cuda_scoring import VARIANT_ENV
+
+    used, values, (ops, rots, shifts) = _stages_under(
+        monkeypatch, rng, 10, [{VARIANT_ENV: ""}, {VARIANT_ENV: "j64_s64_cells"}]
+    )
     assert used == ["s64", "s32", "j64_s64_cells", "j64_s64_cells"]
     for n_shift in (40, 20):
-        want = values["", n_shift]
-        got = values["j64_s64_cells", n_shift]
+        want, got = values[0, n_shift], values[1, n_shift]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     monkeypatch.setenv(VARIANT_ENV, "s128")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_VARIANT must be one of"):
-        ops.score(rots, shifts[40], r_max_px=8.0, rotation_shifts_px=None)
+        ops.score(rots, shifts, r_max_px=8.0, rotation_shifts_px=None)
 
 
 def test_rotation_lanes_serve_the_stages_with_their_rl_twins(
@@ -943,46 +956,23 @@ def test_rotation_lanes_serve_the_stages_with_their_rl_twins(
     of its default variant (s64 for 40 shifts, s32 for 20; s64_cells with the
     cells sampler) and the same scores to float32 rounding; other values are
     refused."""
-    from localrefine_plugin.kernels import cuda_search_ops
-    from localrefine_plugin.kernels.cuda_scoring import (
-        LANES_ENV,
-        SAMPLER_ENV,
-        get_score_fn,
-    )
+    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV
 
-    m, n_rot = 2, 70
-    proj, x, ctf, inv_s2, rots = _bound_batch_case(rng, seed=11, m=m, n_rot=n_rot)
-    used = []
-    launch = cuda_search_ops.launch_score_tiles
-
-    def spy(variant, *args, **kw):
-        used.append(variant)
-        return launch(variant, *args, **kw)
-
-    monkeypatch.setattr(cuda_search_ops, "launch_score_tiles", spy)
-    shifts = {s: rng.uniform(-3, 3, (m, s, 2)) for s in (40, 20)}
-    values = {}
-    for lanes, sampler in (("pixels", "volume"), ("rotations", "volume"),
-                           ("rotations", "cells")):  # fmt: skip
-        monkeypatch.setenv(LANES_ENV, lanes)
-        monkeypatch.setenv(SAMPLER_ENV, sampler)
-        ops = get_score_fn().bind_batch(proj, x, ctf, inv_s2, r_max_px=8.0)
-        for n_shift in (40, 20):
-            grid = ops.score(
-                rots, shifts[n_shift], r_max_px=8.0, rotation_shifts_px=None
-            )
-            values[lanes, sampler, n_shift] = grid.values(
-                np.zeros((m, n_rot)), np.zeros((m, n_shift))
-            )
+    settings = [
+        {LANES_ENV: "pixels", SAMPLER_ENV: "volume"},
+        {LANES_ENV: "rotations", SAMPLER_ENV: "volume"},
+        {LANES_ENV: "rotations", SAMPLER_ENV: "cells"},
+    ]
+    used, values, (ops, rots, shifts) = _stages_under(monkeypatch, rng, 11, settings)
     assert used == ["s64", "s32", "s64_rl", "s32_rl", "s64_cells_rl", "s64_cells_rl"]
     for n_shift in (40, 20):
-        want = values["pixels", "volume", n_shift]
-        for key in (("rotations", "volume"), ("rotations", "cells")):
-            got = values[(*key, n_shift)]
+        want = values[0, n_shift]
+        for i in (1, 2):
+            got = values[i, n_shift]
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     monkeypatch.setenv(LANES_ENV, "diagonal")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_LANES must be"):
-        ops.score(rots, shifts[40], r_max_px=8.0, rotation_shifts_px=None)
+        ops.score(rots, shifts, r_max_px=8.0, rotation_shifts_px=None)
 
 
 def test_bound_batch_too_large_for_the_card_says_which_batch_size_fits(
