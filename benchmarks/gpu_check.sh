@@ -224,7 +224,7 @@ elif [ -n "$NCU" ] && [ $left -gt 45 ]; then
         # every kernel of one whole search batch, timed by ncu (no replay of
         # other metrics); the summary goes to the end of ncu.txt
         stamp "device time per kernel of one GPU search of $m particles (timeout $left s)"
-        timeout $left "$NCU" --csv --metrics gpu__time_duration.sum \
+        timeout $left "$NCU" --clock-control none --csv --metrics gpu__time_duration.sum \
             $PY benchmarks/profile_scoring.py --box 256 --search "$m" \
             > "$WORK/ncu_search.csv" 2>&1
         stamp "ncu exit $?"

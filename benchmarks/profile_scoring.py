@@ -37,6 +37,12 @@ import bench_gpu  # noqa: E402
 
 from localrefine_plugin.engine.projector import FourierProjector  # noqa: E402
 
+#: milliseconds per unit of ncu's duration metrics (long and short spellings)
+_MS_PER_UNIT = {
+    "nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3,
+    "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3,
+}  # fmt: skip
+
 
 def summarise(text: str, top: int = 20) -> str:
     """Device time per kernel from ``ncu --csv --metrics gpu__time_duration.sum``.
@@ -57,7 +63,9 @@ def summarise(text: str, top: int = 20) -> str:
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         unit = row.get("Metric Unit", "nsecond")
-        scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}[unit]
+        scale = _MS_PER_UNIT.get(unit)
+        if scale is None:
+            raise ValueError(f"unknown time unit {unit!r} in the ncu output")
         value = float(row["Metric Value"].replace(",", "")) * scale
         name = row["Kernel Name"].split("(")[0]
         for table, key in (
