@@ -63,7 +63,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     for key in ("kernel_s_by_variant", "gpu_particles_per_s_bound_batch128_cells",
                 "gpu_particles_per_s_variant_j64_s64", "upload_pageable_gb_per_s",
                 "gpu_insert_float32x4_per_s", "gpu_insert_upload_s",
-                "gpu_insert_resident_per_s",
+                "gpu_insert_resident_per_s", "gpu_insert_gather_per_s",
+                "gpu_insert_resident_gather_per_s",
                 "gpu_particles_per_s_processes2", "fp32_fraction",
                 "kernel_s_by_variant_clustered", "fp32_fraction_clustered",
                 "gpu_particles_per_s_bound_batch128_rlanes",
@@ -80,6 +81,7 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     assert set(res["kernel_s_by_variant_clustered"]) == set(bench.CLUSTERED_VARIANTS)
     assert res["rlanes_same_pose"] == res["nopool_same_pose"] == "2 of 2"
     assert res["processes2_same_pose"] == "4 of 4"  # each process all 2
+    assert res["gather_max_rel_diff"] <= 1e-5
     results = {"boxes": [dict(res, box=256)]}
     bench.report(results, log)
     assert results["million_particles_box256_s"] > 0

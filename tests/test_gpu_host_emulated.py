@@ -77,6 +77,8 @@ static inline float __shfl_down_sync(unsigned, float v, int off) {
     emu_barrier->arrive_and_wait();
     return r;
 }
+static inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min/max
+static inline int max(int a, int b) { return a > b ? a : b; }
 static inline float __shfl_sync(unsigned, float v, int src) {
     const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
     emu_shfl[t] = v;
@@ -376,6 +378,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "backproject_f32",
         "backproject_f32x4",
         "backproject_f64",
+        "backproject_gather_f32",
         "build_cells",
         "score_tiles_s64_cells",
         "score_tiles_j64_s64_cells",
@@ -459,8 +462,14 @@ def test_host_code_scores_like_the_engine(
     assert np.abs(got - cpu).max() <= 1e-5 * np.abs(cpu).max()
 
 
-@pytest.mark.parametrize("accumulator", ["float32", "float32x4", "float64"])
-def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
+@pytest.mark.parametrize(
+    ("accumulator", "scheme"),
+    [("float32", "atomic"), ("float32x4", "atomic"), ("float64", "atomic"),
+     ("float32", "gather")],
+)  # fmt: skip
+def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator, scheme):
+    """Every accumulator of the atomic scheme, and the gather scheme (one thread
+    per voxel), fill the accumulators as the engine's insertion does."""
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
 
     n, m = 24, 40
@@ -471,7 +480,7 @@ def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
     w = rng.uniform(0.5, 1, m)
     cpu = BackProjector(n)
     cpu.insert(f, rots, ctf=ctf, weights=w)
-    dev = CudaBackProjector(n, accumulator=accumulator)
+    dev = CudaBackProjector(n, accumulator=accumulator, scheme=scheme)
     dev.insert(f[:25], rots[:25], ctf=ctf[:25], weights=w[:25])
     partial = dev.weight.sum()  # reading flushes the device accumulators
     dev.insert(f[25:], rots[25:], ctf=ctf[25:], weights=w[25:])
@@ -480,16 +489,46 @@ def test_host_code_back_projects_like_the_engine(fake_pycuda, rng, accumulator):
     assert np.abs(dev.data - cpu.data).max() <= 1e-5 * np.abs(cpu.data).max()
     assert np.abs(dev.weight - cpu.weight).max() <= 1e-5 * cpu.weight.max()
     # no CTF, no weights: NULL pointers
-    plain, ref = CudaBackProjector(n, accumulator=accumulator), BackProjector(n)
+    plain = CudaBackProjector(n, accumulator=accumulator, scheme=scheme)
+    ref = BackProjector(n)
     plain.insert(f[:5], rots[:5])
     ref.insert(f[:5], rots[:5])
     assert np.abs(plain.data - ref.data).max() <= 1e-5 * np.abs(ref.data).max()
     np.testing.assert_allclose(plain.reconstruct(), ref.reconstruct(), atol=1e-4)
 
 
-@pytest.mark.parametrize(("k", "shared_ctf"), [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize(("n", "r_max"), [(21, None), (20, 6.5)])
+def test_the_gather_scheme_inserts_as_the_engine_at_any_box_and_radius(
+    fake_pycuda, rng, n, r_max
+):
+    """The gather (one thread per voxel) at an odd box and Nyquist, and at a
+    radius below Nyquist, against the engine's insertion; a wrong scheme or a
+    gather into other than float32 accumulators is refused."""
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+
+    m = 12
+    proj = FourierProjector(blob_map(n, seed=7))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    ctf = ctf_2d(CtfParams(rng.uniform(8000, 20000, m), 15000.0, 0.0), n, 2.0)
+    f = forward_model(proj, rots, ctf=ctf)
+    cpu = BackProjector(n, r_max_px=r_max)
+    cpu.insert(f, rots, ctf=ctf)
+    dev = CudaBackProjector(n, r_max_px=r_max, scheme="gather")
+    dev.insert(f, rots, ctf=ctf)
+    assert np.abs(dev.data - cpu.data).max() <= 1e-5 * np.abs(cpu.data).max()
+    assert np.abs(dev.weight - cpu.weight).max() <= 1e-5 * cpu.weight.max()
+    with pytest.raises(ValueError, match="scheme must be one of atomic, gather"):
+        CudaBackProjector(n, scheme="sort")
+    with pytest.raises(ValueError, match="the gather scheme accumulates in float32"):
+        CudaBackProjector(n, accumulator="float64", scheme="gather")
+
+
+@pytest.mark.parametrize(
+    ("k", "shared_ctf", "scheme"),
+    [(1, False, "atomic"), (3, False, "atomic"), (2, True, "atomic"), (3, False, "gather")],
+)  # fmt: skip
 def test_resident_insertion_equals_shifting_and_uploading(
-    fake_pycuda, rng, k, shared_ctf
+    fake_pycuda, rng, k, shared_ctf, scheme
 ):
     """`CudaBatchOps.insert_at_poses` (the search's resident images and CTFs,
     shifted on the "GPU") fills the accumulators as `reconstruct.insert_at_poses`
@@ -515,7 +554,7 @@ def test_resident_insertion_equals_shifting_and_uploading(
     poses = (rots, origins, weights) if k > 1 else (rots[:, 0], origins[:, 0], None)
     ops = get_score_fn().bind_batch(proj, x, ctf, np.ones(n // 2 + 1), r_max_px=8.0)
     for with_ctf in (True, False):
-        resident, uploaded = CudaBackProjector(n), CudaBackProjector(n)
+        resident, uploaded = CudaBackProjector(n, scheme=scheme), CudaBackProjector(n)
         ops.insert_at_poses(resident, *poses, ctf=with_ctf)
         insert_at_poses(uploaded, x, *poses, ctf=np.asarray(ctf) if with_ctf else None)
         assert resident.n_inserted == uploaded.n_inserted == m * k

@@ -173,9 +173,11 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     )
 
 
-@pytest.mark.parametrize("accumulator", ["float32", "float32x4", "float64"])
+@pytest.mark.parametrize("accumulator", ["float32", "float32x4", "float64", "gather"])
 @pytest.mark.parametrize("n", [64, 65])
 def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
+    """Atomic insertion with each accumulator, and the gather scheme ("gather":
+    one thread per voxel, float32), against the CPU's."""
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector, insert
 
     m = 400
@@ -187,7 +189,10 @@ def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
     weights = rng.uniform(0.5, 1.0, m)
     cpu = BackProjector(n)
     cpu.insert(f, rots, ctf=ctf, weights=weights)
-    dev = CudaBackProjector(n, accumulator=accumulator)
+    if accumulator == "gather":
+        dev = CudaBackProjector(n, scheme="gather")
+    else:
+        dev = CudaBackProjector(n, accumulator=accumulator)
     insert(
         dev, f[:150], rots[:150], ctf=ctf[:150], weights=weights[:150], device="cuda"
     )
@@ -203,8 +208,8 @@ def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
     assert fsc[1:].min() >= 0.999
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_resident_insertion_matches_the_cpu(gpu, rng, k):
+@pytest.mark.parametrize(("k", "scheme"), [(1, "atomic"), (3, "atomic"), (3, "gather")])
+def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme):
     """Insertion from the search's device copies (`CudaBatchOps.insert_at_poses`:
     images and CTFs uploaded once, shifted on the GPU) equals the CPU's
     `insert_at_poses` (shifted on the host), K weighted poses per image."""
@@ -224,14 +229,16 @@ def test_resident_insertion_matches_the_cpu(gpu, rng, k):
     cpu = BackProjector(n)
     insert_at_poses(cpu, f, *poses, ctf=ctf)
     ops = get_score_fn().bind_batch(proj, f, ctf, np.ones(n // 2 + 1), r_max_px=20.0)
-    dev = CudaBackProjector(n)
+    dev = CudaBackProjector(n, scheme=scheme)
     ops.insert_at_poses(dev, *poses)
     ops.close()
     assert dev.n_inserted == m * k
     assert np.abs(dev.data - cpu.data).max() <= 1e-4 * np.abs(cpu.data).max()
     assert np.abs(dev.weight - cpu.weight).max() <= 1e-4 * cpu.weight.max()
     fsc = fsc_curve(dev.reconstruct(), cpu.reconstruct())
-    print(f"resident insertion, K = {k}: min FSC GPU vs CPU {fsc[1:].min():.6f}")
+    print(
+        f"resident insertion ({scheme}), K = {k}: min FSC GPU vs CPU {fsc[1:].min():.6f}"
+    )
     assert fsc[1:].min() >= 0.999
 
 

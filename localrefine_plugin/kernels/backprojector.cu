@@ -141,3 +141,123 @@ extern "C" __global__ void backproject_f32x4(const float2* __restrict__ f,
               img_stride, c, padding,
               LrFloat4Acc{acc});
 }
+
+// Gather scheme (for comparison with the atomics; cuda_backprojector.py,
+// scheme="gather"): one thread per voxel of the padded layout within rv of
+// the origin (rv >= padding r_max + sqrt(3): every corner the scatter
+// reaches), summing, over the m insertions, what the scatter kernels above
+// add into that voxel, and adding it once (no atomics: each voxel has one
+// thread).
+// A voxel v is a corner of a pixel's point q only if |q - v| < sqrt(3), so
+// only insertions whose plane passes within sqrt(3) of v (out-of-plane
+// coordinate (A v)_z) can reach it, and only the pixels whose in-plane
+// coordinates padding k lie within sqrt(3) of (A v)_xy (mirrored points: of
+// -(A v)_xy): at most 2 x 2 candidates per side at padding 2. Each candidate
+// is checked exactly as the scatter computes it (lr_slice_point,
+// lr_corners, and the weights as lr_trilinear_weights forms them: the same q,
+// mirroring, corners and weights), so every (pixel, corner) pair is counted
+// once, as there; only the order of the sums differs.
+// pix: (N, N/2+1) the index in the insertion list (kx, ky: the scatter's
+// frequencies) of each half-plane pixel, -1 for those not inserted; a candidate
+// (kx, ky) counts only where the list holds exactly those frequencies (the
+// Nyquist row of an even box is one pixel, listed with ky = -N/2); other
+// arguments as lr_insert's; data, weight: float32 split accumulators.
+#define LR_GATHER_CHUNK 64
+extern "C" __global__ void backproject_gather_f32(
+    const float2* __restrict__ f, const float* __restrict__ ctf, int ctf_stride,
+    const float* __restrict__ img_w, const int* __restrict__ img_of,
+    const float* __restrict__ shift, int n, const float* __restrict__ rot, int m,
+    const float* __restrict__ kx_tab, const float* __restrict__ ky_tab,
+    const int* __restrict__ pix, int img_stride, int c, float padding, int rv,
+    float* __restrict__ data, float* __restrict__ weight) {
+    const int nx = rv + 1, ny = 2 * rv + 1;
+    const long long nvox = (long long)nx * ny * ny;
+    // block-uniform guard (the blocks synchronise below); threads past the
+    // end of the last block only help load the shared tables
+    if ((long long)blockIdx.x * blockDim.x >= nvox) return;
+    __shared__ float rot_s[LR_GATHER_CHUNK][9];
+    __shared__ float aux_s[LR_GATHER_CHUNK][3];  // weight, shift x, shift y
+    __shared__ int img_s[LR_GATHER_CHUNK];
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    // voxel (x, y, z) of the padded frequency grid, x = 0..rv, y, z = -rv..rv
+    const int x = (int)(t % nx);
+    const int y = (int)((t / nx) % ny) - rv;
+    const int z = (int)(t / ((long long)nx * ny)) - rv;
+    // inside the ball of radius rv and the array (y, z index 0 .. 2c+1)
+    const bool mine = t < nvox && x * x + y * y + z * z <= rv * rv && x <= c + 1 &&
+                      y >= -c && y <= c + 1 && z >= -c && z <= c + 1;
+    const float vx = (float)x, vy = (float)y, vz = (float)z;
+    const int sy = c + 2, sz = (c + 2) * (2 * c + 2);
+    const int half = n / 2 + 1;
+    const float reach = 1.7320509f * 1.0001f;  // sqrt(3), a little wider
+    float ar = 0.0f, ai = 0.0f, aw = 0.0f;
+    for (int i0 = 0; i0 < m; i0 += LR_GATHER_CHUNK) {
+        const int cnt = min(LR_GATHER_CHUNK, m - i0);
+        __syncthreads();  // the previous chunk is read by everyone
+        for (int k = threadIdx.x; k < cnt * 9; k += blockDim.x)
+            rot_s[k / 9][k % 9] = rot[(size_t)i0 * 9 + k];
+        for (int k = threadIdx.x; k < cnt; k += blockDim.x) {
+            aux_s[k][0] = img_w ? img_w[i0 + k] : 1.0f;
+            aux_s[k][1] = shift ? shift[2 * (i0 + k)] : 0.0f;
+            aux_s[k][2] = shift ? shift[2 * (i0 + k) + 1] : 0.0f;
+            img_s[k] = img_of ? img_of[i0 + k] : i0 + k;
+        }
+        __syncthreads();
+        if (!mine) continue;
+        for (int ii = 0; ii < cnt; ++ii) {
+            const float* a = rot_s[ii];
+            const float d = a[6] * vx + a[7] * vy + a[8] * vz;  // out of the plane
+            if (fabsf(d) >= reach) continue;
+            const float u0 = (a[0] * vx + a[1] * vy + a[2] * vz) / padding;
+            const float u1 = (a[3] * vx + a[4] * vy + a[5] * vz) / padding;
+            const float h = reach / padding;
+            const size_t img = (size_t)img_s[ii];
+            for (int side = 0; side < 2; ++side) {  // 0: q near v; 1: -q near v
+                const float cx = side ? -u0 : u0, cy = side ? -u1 : u1;
+                const int kx0 = max((int)ceilf(cx - h), 0);
+                const int kx1 = min((int)floorf(cx + h), n / 2);
+                const int ky0 = max((int)ceilf(cy - h), -(n / 2));
+                const int ky1 = min((int)floorf(cy + h), n / 2);
+                for (int kx = kx0; kx <= kx1; ++kx) {
+                    for (int ky = ky0; ky <= ky1; ++ky) {
+                        const int flat = (ky >= 0 ? ky : ky + n) * half + kx;
+                        const int p = pix[flat];
+                        if (p < 0 || kx_tab[p] != (float)kx || ky_tab[p] != (float)ky) continue;
+                        float qx, qy, qz;
+                        lr_slice_point(a, (float)kx, (float)ky, padding, &qx, &qy, &qz);
+                        LrCorners k;
+                        lr_corners(qx, qy, qz, c, false, &k);
+                        if (k.conj != (side == 1)) continue;
+                        const int bz = k.base / sz, rem = k.base - bz * sz;
+                        const int by = rem / sy, bx = rem - by * sy;
+                        const int dx = x - bx, dy = y + c - by, dz = z + c - bz;
+                        if (dx < 0 || dx > 1 || dy < 0 || dy > 1 || dz < 0 || dz > 1)
+                            continue;
+                        // the corner's weight as lr_trilinear_weights forms it (z, y, x)
+                        const float tc = ((dz ? k.fz : 1.0f - k.fz) * (dy ? k.fy : 1.0f - k.fy)) *
+                                         (dx ? k.fx : 1.0f - k.fx);
+                        const float wi = aux_s[ii][0];
+                        const float cf = ctf ? ctf[img * ctf_stride + flat] : 1.0f;
+                        float2 fv = f[img * img_stride + flat];
+                        if (shift) {
+                            float sn, cs;
+                            sincospif(-2.0f * ((float)kx * aux_s[ii][1] + (float)ky * aux_s[ii][2]) /
+                                          (float)n,
+                                      &sn, &cs);
+                            fv = make_float2(fv.x * cs - fv.y * sn, fv.x * sn + fv.y * cs);
+                        }
+                        ar += tc * (cf * wi * fv.x);
+                        ai += tc * ((k.conj ? -1.0f : 1.0f) * cf * wi * fv.y);
+                        aw += tc * (cf * cf * wi);
+                    }
+                }
+            }
+        }
+    }
+    if (mine && (ar != 0.0f || ai != 0.0f || aw != 0.0f)) {
+        const size_t e = (size_t)(z + c) * sz + (size_t)(y + c) * sy + x;
+        data[2 * e] += ar;
+        data[2 * e + 1] += ai;
+        weight[e] += aw;
+    }
+}

@@ -6,9 +6,11 @@ pixel of a batch of images with one thread per (pixel, image) and
 of :class:`~localrefine_plugin.engine.backprojector.BackProjector`). Atomics
 rather than a gather scheme: neighbouring pixels of one image land on
 neighbouring voxels, images of a batch rarely collide on the same voxel at
-the same time, and a gather would have to search, for every voxel, the images
-whose slice passes within one voxel; ``benchmarks/bench_gpu.py`` measures the
-insertion rate with float32, float32x4 and float64 accumulators (docs/gpu.md).
+the same time, and a gather has to test, for every voxel, every image of the
+batch. ``scheme="gather"`` (kernel ``backproject_gather_f32``: one thread per
+voxel, no atomics, float32) is that alternative, for the measurement:
+``benchmarks/bench_gpu.py`` times the insertion with float32, float32x4 and
+float64 atomics and with the gather (docs/gpu.md).
 
 :class:`CudaBackProjector` subclasses the engine's class: ``insert`` runs on
 the GPU, and reading ``data`` or ``weight`` (as ``reconstruct``, ``add`` and
@@ -37,6 +39,9 @@ _KERNELS = {
     "float32x4": "backproject_f32x4",
     "float64": "backproject_f64",
 }
+#: insertion schemes: atomics (one thread per pixel and image) or a gather (one
+#: thread per voxel; float32 accumulators)
+SCHEMES = ("atomic", "gather")
 
 
 class CudaBackProjector(BackProjector):
@@ -56,6 +61,11 @@ class CudaBackProjector(BackProjector):
         atomics; float32x4 keeps (re, im, weight, unused) of a voxel in one
         16-byte float4, added by one vector atomic per corner on sm_90 (three
         scalar ones on older cards), a third more memory than float32.
+    scheme : {"atomic", "gather"}
+        ``atomic``: one thread per (pixel, image) adds into the pixel's 8
+        corners; ``gather``: one thread per voxel sums what the images of a
+        launch add there (float32 accumulators only; the same sums in
+        another order).
 
     Attributes
     ----------
@@ -70,12 +80,21 @@ class CudaBackProjector(BackProjector):
         padding: int = 2,
         r_max_px: float | None = None,
         accumulator: str = "float32",
+        scheme: str = "atomic",
     ) -> None:
         if accumulator not in _KERNELS:
             raise ValueError(
                 f"accumulator must be one of {', '.join(_KERNELS)}; got {accumulator!r}"
             )
-        self.accumulator = accumulator
+        if scheme not in SCHEMES:
+            raise ValueError(
+                f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}"
+            )
+        if scheme == "gather" and accumulator != "float32":
+            raise ValueError(
+                f"the gather scheme accumulates in float32; got accumulator={accumulator!r}"
+            )
+        self.accumulator, self.scheme = accumulator, scheme
         # device accumulators: (data (2 size,), weight (size,)) or (acc (4 size,),)
         self._dev = None
         super().__init__(n, padding=padding, r_max_px=r_max_px)
@@ -251,15 +270,29 @@ class CudaBackProjector(BackProjector):
         ``shifts`` (pixels) when given."""
         n = self.n
         b = len(rotations)
-        kernel = load_kernels("backprojector.cu").get_function(
-            _KERNELS[self.accumulator]
-        )
         acc_g = self._device_accumulators()
         kx_g, ky_g, src_g, npix = self._pixel_table()
 
         def optional(a, dtype):
             return np.intp(0) if a is None else to_device(a, dtype)
 
+        if self.scheme == "gather":
+            # voxels within padding r_max + 2 >= the farthest corner (sqrt(3) out)
+            rv = int(np.floor(self.padding * self.r_max_px)) + 2
+            n_vox = (rv + 1) * (2 * rv + 1) ** 2
+            load_kernels("backprojector.cu").get_function("backproject_gather_f32")(
+                f_g, np.intp(0) if c_g is None else c_g, np.int32(ctf_stride),
+                optional(weights, np.float32), optional(image_of, np.int32),
+                optional(shifts, np.float32), np.int32(n),
+                to_device(np.asarray(rotations).reshape(b, 9), np.float32), np.int32(b),
+                kx_g, ky_g, self._pixel_index(), np.int32(n * (n // 2 + 1)),
+                np.int32(self.c), np.float32(self.padding), np.int32(rv), *acc_g,
+                block=(_THREADS, 1, 1), grid=((n_vox + _THREADS - 1) // _THREADS, 1),
+            )  # fmt: skip
+            return
+        kernel = load_kernels("backprojector.cu").get_function(
+            _KERNELS[self.accumulator]
+        )
         kernel(
             f_g, np.intp(0) if c_g is None else c_g, np.int32(ctf_stride),
             optional(weights, np.float32), optional(image_of, np.int32),
@@ -269,6 +302,17 @@ class CudaBackProjector(BackProjector):
             np.int32(self.c), np.float32(self.padding), *acc_g,
             block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
         )  # fmt: skip
+
+    def _pixel_index(self):
+        """(N, N//2+1) int32 on the GPU: each half-plane pixel's index in the
+        insertion list (:meth:`_pixel_table`), -1 where it is not inserted."""
+        index = getattr(self, "_pixel_index_g", None)
+        if index is None:
+            n = self.n
+            table = np.full(n * (n // 2 + 1), -1, dtype=np.int32)
+            table[self._flat] = np.arange(self._flat.size, dtype=np.int32)
+            index = self._pixel_index_g = to_device(table, np.int32)
+        return index
 
     def _pixel_table(self):
         """The engine's insertion pixels (``kx^2 + ky^2 <= r_max^2``) on the GPU."""

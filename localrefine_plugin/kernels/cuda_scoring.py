@@ -285,9 +285,7 @@ def variant_for(n_shift: int) -> str:
         raise ValueError(f"${SAMPLER_ENV} must be 'volume' or 'cells'; got {sampler!r}")
     lanes = os.environ.get(LANES_ENV, "pixels")
     if lanes not in ("pixels", "rotations"):
-        raise ValueError(
-            f"${LANES_ENV} must be 'pixels' or 'rotations'; got {lanes!r}"
-        )
+        raise ValueError(f"${LANES_ENV} must be 'pixels' or 'rotations'; got {lanes!r}")
     if sampler == "cells":
         variant = "s64_cells"
     else:
