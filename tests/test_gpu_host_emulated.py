@@ -217,6 +217,9 @@ class FakeMemoryPool:
     def allocate(self, nbytes):
         _ALLOCATED["pool"] = _ALLOCATED.get("pool", 0) + int(nbytes)
 
+    def stop_holding(self):
+        pass
+
 
 def _mem_alloc(nbytes):
     _ALLOCATED["direct"] = _ALLOCATED.get("direct", 0) + int(nbytes)

@@ -213,9 +213,14 @@ def memory_pool():
     with _lock:
         pool = _state.get("pool")
         if pool is None:
+            import atexit
+
             from pycuda.tools import DeviceMemoryPool
 
             pool = _state["pool"] = DeviceMemoryPool()
+            # at exit, before the context is popped (atexit runs in reverse
+            # order): release the held blocks, and free later ones at once
+            atexit.register(pool.stop_holding)
         return pool
 
 
@@ -263,7 +268,9 @@ def zeros(shape, dtype):
 
 def free_memory() -> int:
     """Bytes the engine can still allocate: the card's free memory plus the
-    blocks the pool holds for reuse (:func:`memory_pool`)."""
+    blocks the pool holds for reuse (:func:`memory_pool`; the pool's managed
+    bytes less its active ones, which also counts the rounding of the active
+    blocks to the pool's size classes: a slight overestimate)."""
     import pycuda.driver as cuda
 
     ensure_context()
