@@ -97,6 +97,9 @@ CLUSTERED_VARIANTS = (
     "s64", "s64_rl", "j64_s64", "j64_s64_rl", "s64_wide", "s64_wide_rl",
     "s64_cells", "s64_cells_rl", "j64_s64_cells",
 )  # fmt: skip
+#: the same for the 32-shift tiles, on the first 32 shifts (the search's
+#: stages after the first score 32 shifts per particle at box 128 and 256)
+CLUSTERED_VARIANTS_S32 = ("s32", "s32_rl", "s32_wide", "s32_wide_rl")
 
 
 def counts(n: int, quick: bool) -> dict:
@@ -363,6 +366,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         SAMPLER_ENV,
         VARIANT_ENV,
         VARIANTS,
+        WIDE_ENV,
         _power_cuda,
         _score_cuda,
         _ScoreLaunch,
@@ -413,13 +417,14 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # -- the kernels alone -------------------------------------------------------------
     start, stop = cuda.Event(), cuda.Event()
 
-    def kernel_times(variants, candidates) -> dict:
+    def kernel_times(variants, candidates, stage_shifts=shifts) -> dict:
         """Median seconds of phase_table + score_tiles per variant (5 runs)."""
         out = {}
         for variant in variants:
             launch = _ScoreLaunch(
-                proj, x, ctf, inv_s2, candidates, shifts, None, float(r_max), variant
-            )
+                proj, x, ctf, inv_s2, candidates, stage_shifts, None, float(r_max),
+                variant,
+            )  # fmt: skip
             launch.scores()  # warm: compiles, and builds the cells of a cells variant
             times = []
             for _ in range(5):
@@ -486,6 +491,25 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     res["kernel_tflops_clustered"] = flops / clustered[best_c] / 1e12
     if peaks:
         res["fp32_fraction_clustered"] = res["kernel_tflops_clustered"] / peaks[0]
+    clustered32 = kernel_times(CLUSTERED_VARIANTS_S32, rots_c, shifts[:, :32])
+    res["kernel_s_by_variant_clustered_s32"] = clustered32
+    best_32 = min(clustered32, key=clustered32.get)
+    flops_32 = flop_count(m_gpu, J_STAGE, 32, npix)
+    res["kernel_tflops_clustered_s32"] = flops_32 / clustered32[best_32] / 1e12
+    if peaks:
+        res["fp32_fraction_clustered_s32"] = (
+            res["kernel_tflops_clustered_s32"] / peaks[0]
+        )
+    log(
+        "  kernels alone, the same rotations with 32 shifts ("
+        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in clustered32.items())
+        + f"); fastest {best_32}: {res['kernel_tflops_clustered_s32']:.2f} TFLOP/s"
+        + (
+            f" ({100 * res['fp32_fraction_clustered_s32']:.1f}% of FP32 peak)"
+            if peaks
+            else ""
+        )
+    )
     log(
         "  kernels alone, rotations clustered as in the search (64 cells x 8 children; "
         + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in clustered.items())
@@ -525,10 +549,21 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         "bound_batch128_cells": dict(
             score_fn=score_fn, power_fn=power_fn, batch_size=batch, sampler="cells"
         ),
-        # rotation lanes: the _rl twins of s32 / s64 ($LOCALREFINE_SCORE_LANES)
+        # rotation lanes: the _rl twins of s32 / s64 ($LOCALREFINE_SCORE_LANES);
+        # 16-byte shared-memory reads: the _wide twins ($LOCALREFINE_SCORE_WIDE)
         "bound_batch128_rlanes": dict(
             score_fn=score_fn, power_fn=power_fn, batch_size=batch, lanes="rotations"
         ),
+        "bound_batch128_wide": dict(
+            score_fn=score_fn, power_fn=power_fn, batch_size=batch, wide="1"
+        ),
+        "bound_batch128_wide_rl": dict(
+            score_fn=score_fn,
+            power_fn=power_fn,
+            batch_size=batch,
+            wide="1",
+            lanes="rotations",
+        ),  # fmt: skip
         # device arrays allocated directly, without the memory pool
         # ($LOCALREFINE_GPU_POOL=0: every free waits for the GPU)
         "bound_batch128_nopool": dict(
@@ -554,6 +589,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         os.environ[SAMPLER_ENV] = cfg.pop("sampler", "volume")
         os.environ[VARIANT_ENV] = cfg.pop("variant", "")
         os.environ[LANES_ENV] = cfg.pop("lanes", "pixels")
+        os.environ[WIDE_ENV] = cfg.pop("wide", "0")
         os.environ[POOL_ENV] = cfg.pop("pool", "1")
         local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
 
@@ -563,6 +599,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
     os.environ[SAMPLER_ENV], os.environ[VARIANT_ENV] = "volume", ""
     os.environ[LANES_ENV], os.environ[POOL_ENV] = "pixels", "1"
+    os.environ[WIDE_ENV] = "0"
     res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
     cells, volume = found["bound_batch128_cells"], found["bound_batch128"]
     res["cells_same_pose"] = same_poses(
@@ -573,7 +610,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         res[f"variant_{v}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
         )
-    for key in ("rlanes", "nopool"):
+    for key in ("rlanes", "wide", "wide_rl", "nopool"):
         got = found[f"bound_batch128_{key}"]
         res[f"{key}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
@@ -624,7 +661,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     log(
         "  local search, batches of 128: rotation lanes ($LOCALREFINE_SCORE_LANES="
         f"rotations) {res['gpu_particles_per_s_bound_batch128_rlanes']:.4g} particles/s "
-        f"(same pose for {res['rlanes_same_pose']}); without the memory pool "
+        f"(same pose for {res['rlanes_same_pose']}); wide tiles ($LOCALREFINE_SCORE_"
+        f"WIDE=1) {res['gpu_particles_per_s_bound_batch128_wide']:.4g} (same pose "
+        f"for {res['wide_same_pose']}); both "
+        f"{res['gpu_particles_per_s_bound_batch128_wide_rl']:.4g} (same pose for "
+        f"{res['wide_rl_same_pose']}); without the memory pool "
         f"($LOCALREFINE_GPU_POOL=0) {res['gpu_particles_per_s_bound_batch128_nopool']:.4g}"
         f" (same pose for {res['nopool_same_pose']}); default "
         f"{res['gpu_particles_per_s_bound_batch128']:.4g}"
@@ -652,15 +693,18 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         > res["gpu_particles_per_s_bound_batch128"]
         else "volume"
     )
-    lanes = (
-        "rotations"
-        if res["gpu_particles_per_s_bound_batch128_rlanes"]
-        > res["gpu_particles_per_s_bound_batch128"]
-        else "pixels"
-    )
+    tiles = {  # the fastest tiles of the search: (lanes, wide)
+        "bound_batch128": ("pixels", "0"),
+        "bound_batch128_rlanes": ("rotations", "0"),
+        "bound_batch128_wide": ("pixels", "1"),
+        "bound_batch128_wide_rl": ("rotations", "1"),
+    }
+    fastest = max(tiles, key=lambda k: res[f"gpu_particles_per_s_{k}"])
+    lanes, wide = tiles[fastest] if sampler == "volume" else ("pixels", "0")
     res["processes_sampler"], res["processes_lanes"] = sampler, lanes
+    res["processes_wide"] = wide
     os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit them
-    os.environ[LANES_ENV] = lanes
+    os.environ[LANES_ENV], os.environ[WIDE_ENV] = lanes, wide
     for k in count["processes"]:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
@@ -680,11 +724,13 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         )
         log(
             f"  local search, {k} processes sharing the GPU (each all {m_s_gpu} "
-            f"particles in batches of 128, reading the {sampler}, lanes -> {lanes}): "
+            f"particles in batches of 128, reading the {sampler}, lanes -> {lanes}, "
+            f"wide {wide}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )
     os.environ[SAMPLER_ENV], os.environ[LANES_ENV] = "volume", "pixels"
+    os.environ[WIDE_ENV] = "0"
 
     # -- projection and back-projection -------------------------------------------------
     m_p = count["project_gpu"]

@@ -10,8 +10,9 @@
 # (bench_iteration's particles at box 256, default 3000); LR_ITER_THREADS (its
 # --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
-# "j64_s64 j64_s64_cells"; default none); LR_ITER_LANES (the iteration again with
-# $LOCALREFINE_SCORE_LANES set to each, default "rotations"; "" for none);
+# "j64_s64 j64_s64_cells"; default none); LR_ITER_SETTINGS (the iteration again
+# with each setting, comma-separated VAR=VALUE words; default rotation lanes, then
+# rotation lanes and wide tiles; "" for none);
 # LR_NCU_VARIANTS (kernels profiled by ncu, default "s64 s64_rl s64_wide_rl", 64
 # particles at box 256); LR_NCU_SEARCH (particles of the one-batch GPU search whose
 # every kernel ncu times, default 256; 0 for none).
@@ -22,7 +23,7 @@
 # Writes OUTDIR/gpu_check.log (everything), build.log (PyCUDA build),
 # gpu_tests.xml (JUnit), bench_gpu.txt and bench_gpu.json, bench_iteration.txt
 # (one whole iteration at box 256 where time is left, with its cProfile table and
-# the runs with LR_ITER_VARIANTS and LR_ITER_LANES) and bench_iteration.json, and
+# the runs with LR_ITER_VARIANTS and LR_ITER_SETTINGS) and bench_iteration.json, and
 # ncu.txt (an Nsight Compute profile of the scoring kernels, then the device time
 # per kernel of one whole search at box 256, where ncu exists and time is left):
 # 8 files, the most a device call brings back.
@@ -196,11 +197,11 @@ if want iteration; then
         iteration "kernel $variant"
     done
     unset LOCALREFINE_SCORE_VARIANT
-    for lanes in ${LR_ITER_LANES-rotations}; do
-        export LOCALREFINE_SCORE_LANES=$lanes
-        iteration "lanes -> $lanes"
+    for setting in ${LR_ITER_SETTINGS-LOCALREFINE_SCORE_LANES=rotations \
+        LOCALREFINE_SCORE_LANES=rotations,LOCALREFINE_SCORE_WIDE=1}; do
+        # shellcheck disable=SC2086  # VAR=VALUE words
+        (export ${setting//,/ }; iteration "${setting//,/ }")
     done
-    unset LOCALREFINE_SCORE_LANES
     if [ -f "$WORK/iteration_profile.txt" ]; then
         { echo "=== cProfile of the default run (main thread)"; cat "$WORK/iteration_profile.txt"; } >> "$ITER"
     fi

@@ -69,6 +69,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
                 "kernel_s_by_variant_clustered", "fp32_fraction_clustered",
                 "gpu_particles_per_s_bound_batch128_rlanes",
                 "gpu_particles_per_s_bound_batch128_nopool",
+                "gpu_particles_per_s_bound_batch128_wide_rl",
+                "kernel_s_by_variant_clustered_s32",
                 "host_fft_ms_per_particle", "host_ctf_ms_per_particle"):  # fmt: skip
         assert key in res, key
     assert set(res["kernel_s_by_variant"]) == set(
@@ -79,7 +81,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     for v in bench.SEARCH_VARIANTS:
         assert res[f"variant_{v}_same_pose"] == "2 of 2", v
     assert set(res["kernel_s_by_variant_clustered"]) == set(bench.CLUSTERED_VARIANTS)
-    assert res["rlanes_same_pose"] == res["nopool_same_pose"] == "2 of 2"
+    for key in ("rlanes", "wide", "wide_rl", "nopool"):
+        assert res[f"{key}_same_pose"] == "2 of 2", key
     assert res["processes2_same_pose"] == "4 of 4"  # each process all 2
     assert res["gather_max_rel_diff"] <= 1e-5
     results = {"boxes": [dict(res, box=256)]}

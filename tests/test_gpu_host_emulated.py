@@ -395,6 +395,8 @@ def test_every_kernel_is_found_by_the_emulator():
         "score_tiles_j64_s64_rl",
         "score_tiles_s64_cells_rl",
         "score_tiles_s64_wide_rl",
+        "score_tiles_wide",
+        "score_tiles_wide_rl",
         "grid_min_over_shifts",
         "grid_min_over_rotations",
         "fold_weights",
@@ -751,7 +753,8 @@ def test_device_arrays_come_from_the_memory_pool(fake_pycuda, rng, monkeypatch):
      ("j64_s64_cells", 7.0), ("s64_cells", 10.0), ("s64_occ4", 7.0),
      ("s64_cells_occ4", 7.0), ("s64_wide", 7.0), ("j64_s64_wide", 7.0),
      ("j64_s64_cells_wide", 7.0), ("j64_s64_cells_wide", 10.0), ("s32_rl", 7.0),
-     ("s64_rl", 7.0), ("j64_s64_rl", 7.0), ("s64_cells_rl", 10.0), ("s64_wide_rl", 7.0)],
+     ("s64_rl", 7.0), ("j64_s64_rl", 7.0), ("s64_cells_rl", 10.0), ("s64_wide_rl", 7.0),
+     ("s32_wide", 7.0), ("s32_wide_rl", 7.0)],
 )  # fmt: skip
 def test_every_scoring_kernel_variant_scores_like_the_engine(
     fake_pycuda, rng, variant, r_max
@@ -996,22 +999,31 @@ def test_rotation_lanes_serve_the_stages_with_their_rl_twins(
 ):
     """`$LOCALREFINE_SCORE_LANES=rotations` scores each stage with the `_rl` twin
     of its default variant (s64 for 40 shifts, s32 for 20; s64_cells with the
-    cells sampler) and the same scores to float32 rounding; other values are
-    refused."""
-    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV
+    cells sampler), `$LOCALREFINE_SCORE_WIDE=1` with the `_wide` twin, both
+    with the same scores to float32 rounding; other values, and wide tiles
+    reading the cells, are refused."""
+    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV, WIDE_ENV
 
     settings = [
-        {LANES_ENV: "pixels", SAMPLER_ENV: "volume"},
-        {LANES_ENV: "rotations", SAMPLER_ENV: "volume"},
-        {LANES_ENV: "rotations", SAMPLER_ENV: "cells"},
+        {LANES_ENV: "pixels", SAMPLER_ENV: "volume", WIDE_ENV: "0"},
+        {LANES_ENV: "rotations", SAMPLER_ENV: "volume", WIDE_ENV: "0"},
+        {LANES_ENV: "rotations", SAMPLER_ENV: "cells", WIDE_ENV: "0"},
+        {LANES_ENV: "rotations", SAMPLER_ENV: "volume", WIDE_ENV: "1"},
+        {LANES_ENV: "pixels", SAMPLER_ENV: "volume", WIDE_ENV: "1"},
     ]
     used, values, (ops, rots, shifts) = _stages_under(monkeypatch, rng, 11, settings)
-    assert used == ["s64", "s32", "s64_rl", "s32_rl", "s64_cells_rl", "s64_cells_rl"]
+    assert used == [
+        "s64", "s32", "s64_rl", "s32_rl", "s64_cells_rl", "s64_cells_rl",
+        "s64_wide_rl", "s32_wide_rl", "s64_wide", "s32_wide",
+    ]  # fmt: skip
     for n_shift in (40, 20):
         want = values[0, n_shift]
-        for i in (1, 2):
+        for i in range(1, len(settings)):
             got = values[i, n_shift]
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    monkeypatch.setenv(SAMPLER_ENV, "cells")
+    with pytest.raises(ValueError, match="LOCALREFINE_SCORE_WIDE=1 has no variant"):
+        ops.score(rots, shifts, r_max_px=8.0, rotation_shifts_px=None)
     monkeypatch.setenv(LANES_ENV, "diagonal")
     with pytest.raises(ValueError, match="LOCALREFINE_SCORE_LANES must be"):
         ops.score(rots, shifts, r_max_px=8.0, rotation_shifts_px=None)

@@ -121,25 +121,25 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
 @pytest.mark.parametrize(
     "setting",
     ["score_fn", "score_and_power_priors_top3", "cells_priors_top3",
-     "rlanes_priors_top3", "nopool_priors_top3"],
+     "rlanes_priors_top3", "widerl_priors_top3", "nopool_priors_top3"],
 )  # fmt: skip
 def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     gpu, rng, setting, monkeypatch
 ):
     """The GPU score_fn (bound batches: grids scored and reduced on the device)
     alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses
-    (the scoring kernels reading the volume, or its cells; with rotation lanes;
-    device arrays allocated without the memory pool)."""
+    (the scoring kernels reading the volume, or its cells; with rotation lanes,
+    and wide tiles too; device arrays allocated without the memory pool)."""
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
     from localrefine_plugin.kernels.backend import POOL_ENV
-    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV
+    from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV, WIDE_ENV
 
     monkeypatch.setenv(
         SAMPLER_ENV, "cells" if setting.startswith("cells") else "volume"
     )
-    monkeypatch.setenv(
-        LANES_ENV, "rotations" if setting.startswith("rlanes") else "pixels"
-    )
+    rotation_lanes = setting.startswith(("rlanes", "widerl"))
+    monkeypatch.setenv(LANES_ENV, "rotations" if rotation_lanes else "pixels")
+    monkeypatch.setenv(WIDE_ENV, "1" if setting.startswith("widerl") else "0")
     monkeypatch.setenv(POOL_ENV, "0" if setting.startswith("nopool") else "1")
 
     n, m = 64, 24
@@ -303,11 +303,12 @@ def _stage_poses(rng, a_true, o_true, n_rot, n_shift):
 #: sums in the same order, other threads)
 TWINS = {"s64_cells": "s64", "j64_s64_cells": "j64_s64", "s64_occ4": "s64",
          "s64_cells_occ4": "s64_cells", "s64_wide": "s64", "j64_s64_wide": "j64_s64",
-         "j64_s64_cells_wide": "j64_s64_cells"}  # fmt: skip
+         "j64_s64_cells_wide": "j64_s64_cells", "s32_wide": "s32"}  # fmt: skip
 #: rotation lanes: the same products in the same order, the |P|^2 term summed
 #: in another order (equal to rounding, not bit for bit)
 NEAR_TWINS = {"s32_rl": "s32", "s64_rl": "s64", "j64_s64_rl": "j64_s64",
-              "s64_cells_rl": "s64_cells", "s64_wide_rl": "s64_wide"}  # fmt: skip
+              "s64_cells_rl": "s64_cells", "s64_wide_rl": "s64_wide",
+              "s32_wide_rl": "s32_wide"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -323,6 +324,7 @@ NEAR_TWINS = {"s32_rl": "s32", "s64_rl": "s64", "j64_s64_rl": "j64_s64",
         "s64_wide",
         "j64_s64_wide",
         "j64_s64_cells_wide",
+        "s32_wide",
         *NEAR_TWINS,
     ],
 )

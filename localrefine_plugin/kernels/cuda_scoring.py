@@ -65,6 +65,8 @@ VARIANTS = {
     "j64_s64_rl": ("score_tiles_j64_s64_rl", 64, 64, False),
     "s64_cells_rl": ("score_tiles_s64_cells_rl", 32, 64, True),
     "s64_wide_rl": ("score_tiles_s64_wide_rl", 32, 64, False),
+    "s32_wide": ("score_tiles_wide", 32, 32, False),
+    "s32_wide_rl": ("score_tiles_wide_rl", 32, 32, False),
 }
 #: environment variable choosing where the scoring kernels read the slices:
 #: "volume" (default: the padded volume, 8 scattered corners per sample) or
@@ -79,6 +81,9 @@ VARIANT_ENV = "LOCALREFINE_SCORE_VARIANT"
 #: rotation, the ``_rl`` variants: neighbouring rotations of the local search
 #: share the sectors of their trilinear corners); bench_gpu.py measures both
 LANES_ENV = "LOCALREFINE_SCORE_LANES"
+#: environment variable: "1" makes the search use the ``_wide`` variants
+#: (16-byte shared-memory reads in the product; not with the cells sampler)
+WIDE_ENV = "LOCALREFINE_SCORE_WIDE"
 
 #: Sign of the origin phase in the model ``ctf P exp(sign 2 pi i k.o / N)`` of
 #: ``engine/scoring.py`` (+1: RELION moves the projection by -origin). The CPU
@@ -270,7 +275,8 @@ def variant_for(n_shift: int) -> str:
 
     ``s32`` for S <= 32, else ``s64``; with ``$LOCALREFINE_SCORE_SAMPLER=cells``
     ``s64_cells`` for every S (no 32-shift tile reads cells); with
-    ``$LOCALREFINE_SCORE_LANES=rotations`` their ``_rl`` twins;
+    ``$LOCALREFINE_SCORE_WIDE=1`` the ``_wide`` twins (volume only), with
+    ``$LOCALREFINE_SCORE_LANES=rotations`` the ``_rl`` twins;
     ``$LOCALREFINE_SCORE_VARIANT``, when set, for every S.
     """
     forced = os.environ.get(VARIANT_ENV)
@@ -286,11 +292,23 @@ def variant_for(n_shift: int) -> str:
     lanes = os.environ.get(LANES_ENV, "pixels")
     if lanes not in ("pixels", "rotations"):
         raise ValueError(f"${LANES_ENV} must be 'pixels' or 'rotations'; got {lanes!r}")
+    wide = os.environ.get(WIDE_ENV, "0")
+    if wide not in ("0", "1"):
+        raise ValueError(f"${WIDE_ENV} must be 0 or 1; got {wide!r}")
     if sampler == "cells":
+        if wide == "1":
+            raise ValueError(
+                f"${WIDE_ENV}=1 has no variant reading the cells "
+                f"(${SAMPLER_ENV}=cells); use one or the other"
+            )
         variant = "s64_cells"
     else:
         variant = "s64" if n_shift > 32 else "s32"
-    return variant + ("_rl" if lanes == "rotations" else "")
+    return (
+        variant
+        + ("_wide" if wide == "1" else "")
+        + ("_rl" if lanes == "rotations" else "")
+    )
 
 
 def bytes_per_particle(npix: int, n_rot: int, n_shift: int) -> int:

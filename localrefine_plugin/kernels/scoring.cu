@@ -432,3 +432,29 @@ score_tiles_s64_wide_rl(const float2* __restrict__ vol, int c, float padding,
     lr_score_tiles<32, 64, false, true, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
                                               sign, m, J, kx, ky, w1, z, S, npix, out);
 }
+
+// 32-shift tiles with the WIDE mapping (the product's shared-memory reads
+// halved: at S <= 32 the plain s32 tile issues 4 loads per pixel for 8 FMAs
+// per thread), without and with rotation lanes; $LOCALREFINE_SCORE_WIDE=1
+// selects the _wide variants in the search (cuda_scoring.variant_for).
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+score_tiles_wide(const float2* __restrict__ vol, int c, float padding,
+                 const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                 float sign, int m, int J, const float* __restrict__ kx,
+                 const float* __restrict__ ky, const float* __restrict__ w1,
+                 const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 32, false, true, false>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                               sign, m, J, kx, ky, w1, z, S, npix, out);
+}
+
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+score_tiles_wide_rl(const float2* __restrict__ vol, int c, float padding,
+                    const float* __restrict__ rot, const float* __restrict__ rshift, int n,
+                    float sign, int m, int J, const float* __restrict__ kx,
+                    const float* __restrict__ ky, const float* __restrict__ w1,
+                    const float2* __restrict__ z, int S, int npix, float* __restrict__ out) {
+    if (blockIdx.z >= (unsigned)m) return;
+    lr_score_tiles<32, 32, false, true, true>(vol, nullptr, c, 0, padding, rot, rshift, n,
+                                              sign, m, J, kx, ky, w1, z, S, npix, out);
+}
