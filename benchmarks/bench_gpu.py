@@ -484,43 +484,25 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # them (children of cells next to each other): what the rotation lanes
     # (the _rl variants) are for; same FLOP count
     rots_c = clustered_candidates(a, rng)
-    clustered = kernel_times(CLUSTERED_VARIANTS, rots_c)
-    res["kernel_s_by_variant_clustered"] = clustered
-    best_c = min(clustered, key=clustered.get)
-    res["kernel_variant_clustered"] = best_c
-    res["kernel_tflops_clustered"] = flops / clustered[best_c] / 1e12
-    if peaks:
-        res["fp32_fraction_clustered"] = res["kernel_tflops_clustered"] / peaks[0]
-    clustered32 = kernel_times(CLUSTERED_VARIANTS_S32, rots_c, shifts[:, :32])
-    res["kernel_s_by_variant_clustered_s32"] = clustered32
-    best_32 = min(clustered32, key=clustered32.get)
-    flops_32 = flop_count(m_gpu, J_STAGE, 32, npix)
-    res["kernel_tflops_clustered_s32"] = flops_32 / clustered32[best_32] / 1e12
-    if peaks:
-        res["fp32_fraction_clustered_s32"] = (
-            res["kernel_tflops_clustered_s32"] / peaks[0]
+    for suffix, variants, n_shift in (
+        ("clustered", CLUSTERED_VARIANTS, S_STAGE),
+        ("clustered_s32", CLUSTERED_VARIANTS_S32, 32),
+    ):
+        times = kernel_times(variants, rots_c, shifts[:, :n_shift])
+        fastest = min(times, key=times.get)
+        tflops = flop_count(m_gpu, J_STAGE, n_shift, npix) / times[fastest] / 1e12
+        res[f"kernel_s_by_variant_{suffix}"] = times
+        res[f"kernel_variant_{suffix}"] = fastest
+        res[f"kernel_tflops_{suffix}"] = tflops
+        if peaks:
+            res[f"fp32_fraction_{suffix}"] = tflops / peaks[0]
+        log(
+            f"  kernels alone, rotations clustered as in the search (64 cells x 8 "
+            f"children), {n_shift} shifts ("
+            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+            + f"); fastest {fastest}: {times[fastest] * 1e3:.2f} ms, {tflops:.2f} TFLOP/s"
+            + (f" ({100 * tflops / peaks[0]:.1f}% of FP32 peak)" if peaks else "")
         )
-    log(
-        "  kernels alone, the same rotations with 32 shifts ("
-        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in clustered32.items())
-        + f"); fastest {best_32}: {res['kernel_tflops_clustered_s32']:.2f} TFLOP/s"
-        + (
-            f" ({100 * res['fp32_fraction_clustered_s32']:.1f}% of FP32 peak)"
-            if peaks
-            else ""
-        )
-    )
-    log(
-        "  kernels alone, rotations clustered as in the search (64 cells x 8 children; "
-        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in clustered.items())
-        + f"); fastest {best_c}: {clustered[best_c] * 1e3:.2f} ms, "
-        f"{res['kernel_tflops_clustered']:.2f} TFLOP/s"
-        + (
-            f" ({100 * res['fp32_fraction_clustered']:.1f}% of FP32 peak)"
-            if peaks
-            else ""
-        )
-    )
 
     # -- a whole local search (the search part of one iteration) -----------------------
     # --device cuda: the GPU score_fn binds each batch to the device (folded
