@@ -52,6 +52,10 @@ SHIM = r"""
 #include <vector>
 struct float2 { float x, y; };
 static inline float2 make_float2(float a, float b) { float2 r; r.x = a; r.y = b; return r; }
+struct float3 { float x, y, z; };
+static inline float3 make_float3(float a, float b, float c) {
+    float3 r; r.x = a; r.y = b; r.z = c; return r;
+}
 struct alignas(16) float4 { float x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) {
     float4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r;

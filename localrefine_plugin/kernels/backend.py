@@ -200,6 +200,10 @@ def load_kernels(filename: str):
         return module
 
 
+def _pool_enabled() -> bool:
+    return os.environ.get(POOL_ENV, "1").strip() != "0"
+
+
 def memory_pool():
     """The process's ``pycuda.tools.DeviceMemoryPool`` (None with ``$LOCALREFINE_GPU_POOL=0``).
 
@@ -207,7 +211,7 @@ def memory_pool():
     by the engine stay in the pool for reuse; when an allocation finds the card
     full, PyCUDA's pool releases the blocks it holds and retries.
     """
-    if os.environ.get(POOL_ENV, "1").strip() == "0":
+    if not _pool_enabled():
         return None
     ensure_context()
     with _lock:
@@ -275,7 +279,7 @@ def free_memory() -> int:
 
     ensure_context()
     free, _total = cuda.mem_get_info()
-    pool = _state.get("pool") if os.environ.get(POOL_ENV, "1").strip() != "0" else None
+    pool = _state.get("pool") if _pool_enabled() else None
     held = 0 if pool is None else int(pool.managed_bytes) - int(pool.active_bytes)
     return int(free) + max(held, 0)
 

@@ -42,6 +42,26 @@ struct LrFloat4Acc {  // (size,) float4 (re, im, weight, unused)
     }
 };
 
+// What one insertion adds at a pixel, before the trilinear weights: (data re,
+// data im, weight) = (ctf w F, ctf w F (conjugated when q was mirrored),
+// ctf^2 w) of image img at flat index flat of the (N, N/2+1) layout, F
+// shifted first by sh[0], sh[1] pixels when sh is given (frequencies kx, ky).
+// Shared by the scatter (lr_insert) and the gather (backproject_gather_f32).
+__device__ __forceinline__ float3 lr_insert_value(const float2* __restrict__ f, int img_stride,
+                                                  const float* __restrict__ ctf,
+                                                  int ctf_stride, size_t img, int flat,
+                                                  float wi, const float* sh, float kx,
+                                                  float ky, int n, bool conj) {
+    const float cf = ctf ? ctf[img * ctf_stride + flat] : 1.0f;
+    float2 fv = f[img * img_stride + flat];
+    if (sh) {  // launch-uniform branch
+        float sn, cs;
+        sincospif(-2.0f * (kx * sh[0] + ky * sh[1]) / (float)n, &sn, &cs);
+        fv = make_float2(fv.x * cs - fv.y * sn, fv.x * sn + fv.y * cs);
+    }
+    return make_float3(cf * wi * fv.x, (conj ? -1.0f : 1.0f) * cf * wi * fv.y, cf * cf * wi);
+}
+
 // One thread per (pixel p, insertion i): the pixel's three values into its 8 corners.
 template <typename Acc>
 __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
@@ -64,17 +84,10 @@ __device__ __forceinline__ void lr_insert(const float2* __restrict__ f,
     LrCorners k;
     lr_corners(qx, qy, qz, c, false, &k);
     const size_t img = img_of ? (size_t)img_of[i] : (size_t)i;
-    const float wi = img_w ? img_w[i] : 1.0f;
-    const float cf = ctf ? ctf[img * ctf_stride + src[p]] : 1.0f;
-    float2 fv = f[img * img_stride + src[p]];
-    if (shift) {  // launch-uniform branch
-        float sn, cs;
-        sincospif(-2.0f * (kxp * shift[2 * i] + kyp * shift[2 * i + 1]) / (float)n, &sn, &cs);
-        fv = make_float2(fv.x * cs - fv.y * sn, fv.x * sn + fv.y * cs);
-    }
-    const float vr = cf * wi * fv.x;
-    const float vi = (k.conj ? -1.0f : 1.0f) * cf * wi * fv.y;
-    const float vw = cf * cf * wi;
+    const float3 v = lr_insert_value(f, img_stride, ctf, ctf_stride, img, src[p],
+                                     img_w ? img_w[i] : 1.0f, shift ? shift + 2 * i : nullptr,
+                                     kxp, kyp, n, k.conj);
+    const float vr = v.x, vi = v.y, vw = v.z;
     float t[8];
     int o[8];
     lr_trilinear_weights(k, t);
@@ -236,19 +249,12 @@ extern "C" __global__ void backproject_gather_f32(
                         // the corner's weight as lr_trilinear_weights forms it (z, y, x)
                         const float tc = ((dz ? k.fz : 1.0f - k.fz) * (dy ? k.fy : 1.0f - k.fy)) *
                                          (dx ? k.fx : 1.0f - k.fx);
-                        const float wi = aux_s[ii][0];
-                        const float cf = ctf ? ctf[img * ctf_stride + flat] : 1.0f;
-                        float2 fv = f[img * img_stride + flat];
-                        if (shift) {
-                            float sn, cs;
-                            sincospif(-2.0f * ((float)kx * aux_s[ii][1] + (float)ky * aux_s[ii][2]) /
-                                          (float)n,
-                                      &sn, &cs);
-                            fv = make_float2(fv.x * cs - fv.y * sn, fv.x * sn + fv.y * cs);
-                        }
-                        ar += tc * (cf * wi * fv.x);
-                        ai += tc * ((k.conj ? -1.0f : 1.0f) * cf * wi * fv.y);
-                        aw += tc * (cf * cf * wi);
+                        const float3 v = lr_insert_value(
+                            f, img_stride, ctf, ctf_stride, img, flat, aux_s[ii][0],
+                            shift ? &aux_s[ii][1] : nullptr, (float)kx, (float)ky, n, k.conj);
+                        ar += tc * v.x;
+                        ai += tc * v.y;
+                        aw += tc * v.z;
                     }
                 }
             }

@@ -276,32 +276,29 @@ class CudaBackProjector(BackProjector):
         def optional(a, dtype):
             return np.intp(0) if a is None else to_device(a, dtype)
 
-        if self.scheme == "gather":
-            # voxels within padding r_max + 2 >= the farthest corner (sqrt(3) out)
-            rv = int(np.floor(self.padding * self.r_max_px)) + 2
-            n_vox = (rv + 1) * (2 * rv + 1) ** 2
-            load_kernels("backprojector.cu").get_function("backproject_gather_f32")(
-                f_g, np.intp(0) if c_g is None else c_g, np.int32(ctf_stride),
-                optional(weights, np.float32), optional(image_of, np.int32),
-                optional(shifts, np.float32), np.int32(n),
-                to_device(np.asarray(rotations).reshape(b, 9), np.float32), np.int32(b),
-                kx_g, ky_g, self._pixel_index(), np.int32(n * (n // 2 + 1)),
-                np.int32(self.c), np.float32(self.padding), np.int32(rv), *acc_g,
-                block=(_THREADS, 1, 1), grid=((n_vox + _THREADS - 1) // _THREADS, 1),
-            )  # fmt: skip
-            return
-        kernel = load_kernels("backprojector.cu").get_function(
-            _KERNELS[self.accumulator]
-        )
-        kernel(
+        # the arguments both schemes take first (the kernels' shared inputs)
+        head = (
             f_g, np.intp(0) if c_g is None else c_g, np.int32(ctf_stride),
             optional(weights, np.float32), optional(image_of, np.int32),
             optional(shifts, np.float32), np.int32(n),
             to_device(np.asarray(rotations).reshape(b, 9), np.float32), np.int32(b),
-            kx_g, ky_g, src_g, np.int32(npix), np.int32(n * (n // 2 + 1)),
-            np.int32(self.c), np.float32(self.padding), *acc_g,
-            block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
         )  # fmt: skip
+        module = load_kernels("backprojector.cu")
+        if self.scheme == "gather":
+            # voxels within padding r_max + 2 >= the farthest corner (sqrt(3) out)
+            rv = int(np.floor(self.padding * self.r_max_px)) + 2
+            n_vox = (rv + 1) * (2 * rv + 1) ** 2
+            module.get_function("backproject_gather_f32")(
+                *head, kx_g, ky_g, self._pixel_index(), np.int32(n * (n // 2 + 1)),
+                np.int32(self.c), np.float32(self.padding), np.int32(rv), *acc_g,
+                block=(_THREADS, 1, 1), grid=((n_vox + _THREADS - 1) // _THREADS, 1),
+            )  # fmt: skip
+        else:
+            module.get_function(_KERNELS[self.accumulator])(
+                *head, kx_g, ky_g, src_g, np.int32(npix), np.int32(n * (n // 2 + 1)),
+                np.int32(self.c), np.float32(self.padding), *acc_g,
+                block=(_THREADS, 1, 1), grid=((npix + _THREADS - 1) // _THREADS, b),
+            )  # fmt: skip
 
     def _pixel_index(self):
         """(N, N//2+1) int32 on the GPU: each half-plane pixel's index in the
