@@ -148,6 +148,18 @@ def particles(proj, m: int, rng, *, snr: float = 0.3):
     return x.astype(np.complex64), ctf, inv_s2, a, o
 
 
+def search_particles(proj, m: int, rng):
+    """``m`` particles (:func:`particles`) for a local search, with consensus poses
+    off their true ones: rotations 3 deg away about random axes, origins 0.7 px
+    further. Returns ``(images, ctf, inv_sigma2, consensus_rotations,
+    consensus_origins_px)``."""
+    x, ctf, inv_s2, a, o = particles(proj, m, rng)
+    a_cons = np.einsum(
+        "mij,mjk->mik", a, axis_angle_to_matrix(rng.normal(size=(m, 3)), 3.0)
+    )
+    return x, ctf, inv_s2, a_cons, o + 0.7
+
+
 def stage_candidates(a, o, rng):
     """J_STAGE rotations within 10 deg and S_STAGE shifts within 3 px of each pose."""
     m = a.shape[0]
@@ -515,42 +527,40 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         count["search_cpu"],
         count["search_batch"],
     )
-    xs, cs, ss, a_s, o_s = particles(proj, m_s_gpu, rng)
-    a_cons = np.einsum(
-        "mij,mjk->mik", a_s, axis_angle_to_matrix(rng.normal(size=(m_s_gpu, 3)), 3.0)
-    )
+    xs, cs, ss, a_cons, o_cons = search_particles(proj, m_s_gpu, rng)
     kw = dict(
-        consensus_rotations=a_cons, consensus_origins_px=o_s + 0.7,
+        consensus_rotations=a_cons, consensus_origins_px=o_cons,
         fulcrum_px=np.zeros(3), r_max_px=float(r_max),
     )  # fmt: skip
     power_fn = get_power_fn()
+    # the search's knobs (environment variables the GPU path reads) and defaults
+    knobs = {
+        "sampler": (SAMPLER_ENV, "volume"), "variant": (VARIANT_ENV, ""),
+        "lanes": (LANES_ENV, "pixels"), "wide": (WIDE_ENV, "0"), "pool": (POOL_ENV, "1"),
+    }  # fmt: skip
+
+    def set_knobs(**given) -> None:
+        """Every knob set: the ``given`` values, the others at their defaults."""
+        for key, (var, default) in knobs.items():
+            os.environ[var] = given.get(key, default)
+
+    def batch128(**given) -> dict:
+        """A bound search in batches of 128 with the ``given`` knobs."""
+        return dict(score_fn=score_fn, power_fn=power_fn, batch_size=batch, **given)
+
     configs = {
         "bound": dict(score_fn=score_fn, power_fn=power_fn, batch_size=m_s_gpu),
-        "bound_batch128": dict(score_fn=score_fn, power_fn=power_fn, batch_size=batch),
+        "bound_batch128": batch128(),
         # the same, the scoring kernels reading the cells ($LOCALREFINE_SCORE_SAMPLER)
-        "bound_batch128_cells": dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=batch, sampler="cells"
-        ),
+        "bound_batch128_cells": batch128(sampler="cells"),
         # rotation lanes: the _rl twins of s32 / s64 ($LOCALREFINE_SCORE_LANES);
         # 16-byte shared-memory reads: the _wide twins ($LOCALREFINE_SCORE_WIDE)
-        "bound_batch128_rlanes": dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=batch, lanes="rotations"
-        ),
-        "bound_batch128_wide": dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=batch, wide="1"
-        ),
-        "bound_batch128_wide_rl": dict(
-            score_fn=score_fn,
-            power_fn=power_fn,
-            batch_size=batch,
-            wide="1",
-            lanes="rotations",
-        ),  # fmt: skip
+        "bound_batch128_rlanes": batch128(lanes="rotations"),
+        "bound_batch128_wide": batch128(wide="1"),
+        "bound_batch128_wide_rl": batch128(wide="1", lanes="rotations"),
         # device arrays allocated directly, without the memory pool
         # ($LOCALREFINE_GPU_POOL=0: every free waits for the GPU)
-        "bound_batch128_nopool": dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=batch, pool="0"
-        ),
+        "bound_batch128_nopool": batch128(pool="0"),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -561,27 +571,19 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # SEARCH_VARIANTS, faster alone than the default s64 / s32): not in the
     # 10^6 estimate (report), which takes the supported configurations
     for v in SEARCH_VARIANTS:
-        configs[f"variant_{v}"] = dict(
-            score_fn=score_fn, power_fn=power_fn, batch_size=batch, variant=v
-        )
+        configs[f"variant_{v}"] = batch128(variant=v)
     found = {}
     warm = {k: (v[:4] if k.startswith("consensus") else v) for k, v in kw.items()}
     for key, cfg in configs.items():
         cfg = dict(cfg)
-        os.environ[SAMPLER_ENV] = cfg.pop("sampler", "volume")
-        os.environ[VARIANT_ENV] = cfg.pop("variant", "")
-        os.environ[LANES_ENV] = cfg.pop("lanes", "pixels")
-        os.environ[WIDE_ENV] = cfg.pop("wide", "0")
-        os.environ[POOL_ENV] = cfg.pop("pool", "1")
+        set_knobs(**{k: cfg.pop(k) for k in knobs if k in cfg})
         local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
 
         def gpu_search(cfg=cfg, key=key):
             found[key] = local_search(proj, xs, cs, ss, **kw, **cfg)
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
-    os.environ[SAMPLER_ENV], os.environ[VARIANT_ENV] = "volume", ""
-    os.environ[LANES_ENV], os.environ[POOL_ENV] = "pixels", "1"
-    os.environ[WIDE_ENV] = "0"
+    set_knobs()
     res["gpu_particles_per_s"] = res["gpu_particles_per_s_bound"]
     cells, volume = found["bound_batch128_cells"], found["bound_batch128"]
     res["cells_same_pose"] = same_poses(
@@ -666,7 +668,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # (each with its own CUDA context; the host work of one overlaps the
     # kernels of the others); each process searches all the particles above
     # in batches of 128, as each rank of a large data set does whatever K
-    data = (xs, cs, ss, a_cons, o_s + 0.7)
+    data = (xs, cs, ss, a_cons, o_cons)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
     ref = found["bound_batch128"]
     sampler = (
@@ -675,18 +677,15 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         > res["gpu_particles_per_s_bound_batch128"]
         else "volume"
     )
-    tiles = {  # the fastest tiles of the search: (lanes, wide)
-        "bound_batch128": ("pixels", "0"),
-        "bound_batch128_rlanes": ("rotations", "0"),
-        "bound_batch128_wide": ("pixels", "1"),
-        "bound_batch128_wide_rl": ("rotations", "1"),
-    }
+    # the fastest tiles of the search (lanes, wide; none of them read the cells)
+    tiles = ("bound_batch128", "bound_batch128_rlanes", "bound_batch128_wide",
+             "bound_batch128_wide_rl")  # fmt: skip
     fastest = max(tiles, key=lambda k: res[f"gpu_particles_per_s_{k}"])
-    lanes, wide = tiles[fastest] if sampler == "volume" else ("pixels", "0")
+    tile = configs[fastest] if sampler == "volume" else {}
+    lanes, wide = (tile.get(k, knobs[k][1]) for k in ("lanes", "wide"))
     res["processes_sampler"], res["processes_lanes"] = sampler, lanes
     res["processes_wide"] = wide
-    os.environ[SAMPLER_ENV] = sampler  # the spawned processes inherit them
-    os.environ[LANES_ENV], os.environ[WIDE_ENV] = lanes, wide
+    set_knobs(sampler=sampler, lanes=lanes, wide=wide)  # the processes inherit them
     for k in count["processes"]:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
@@ -711,8 +710,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )
-    os.environ[SAMPLER_ENV], os.environ[LANES_ENV] = "volume", "pixels"
-    os.environ[WIDE_ENV] = "0"
+    set_knobs()
 
     # -- projection and back-projection -------------------------------------------------
     m_p = count["project_gpu"]

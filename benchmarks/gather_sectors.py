@@ -66,6 +66,12 @@ def sample_bytes(q: np.ndarray, c: int, layout: str, rc: int) -> np.ndarray:
     return index[0][None] * 64 + 16 * np.arange(4).reshape((4,) + (1,) * (q.ndim - 1))
 
 
+def _distinct(sec: np.ndarray) -> np.ndarray:
+    """Distinct values along the last axis."""
+    s = np.sort(sec, axis=-1)
+    return 1 + np.sum(np.diff(s, axis=-1) != 0, axis=-1)
+
+
 def count(n: int, order: str, layout: str, tiles: int, spread_deg: float, rng):
     """Mean (sectors per load per lane, warp sectors per sample, tile sectors per sample)."""
     padding = 2
@@ -89,21 +95,12 @@ def count(n: int, order: str, layout: str, tiles: int, spread_deg: float, rng):
         sec = sample_bytes(q, c, layout, rc) // SECTOR  # (k, 32 rot, P)
         sec = sec.reshape(sec.shape[0], TILE, steps, TILE)  # (k, rot, step, lane)
         # one load instruction: corner kk, one rotation's warp, 32 lanes
-        s = np.sort(sec, axis=-1)
-        per_load.append(np.mean(1 + np.sum(np.diff(s, axis=-1) != 0, axis=-1)) / TILE)
-        w = np.sort(sec.transpose(1, 2, 0, 3).reshape(TILE, steps, -1), axis=-1)
-        per_warp.append(np.mean(1 + np.sum(np.diff(w, axis=-1) != 0, axis=-1)) / TILE)
-        t = np.sort(sec.transpose(2, 0, 1, 3).reshape(steps, -1), axis=-1)
-        per_tile.append(
-            np.mean(1 + np.sum(np.diff(t, axis=-1) != 0, axis=-1)) / TILE**2
-        )
+        per_load.append(np.mean(_distinct(sec)) / TILE)
+        w = sec.transpose(1, 2, 0, 3).reshape(TILE, steps, -1)
+        per_warp.append(np.mean(_distinct(w)) / TILE)
+        t = sec.transpose(2, 0, 1, 3).reshape(steps, -1)
+        per_tile.append(np.mean(_distinct(t)) / TILE**2)
     return float(np.mean(per_load)), float(np.mean(per_warp)), float(np.mean(per_tile))
-
-
-def _distinct(sec: np.ndarray) -> np.ndarray:
-    """Distinct values along the last axis."""
-    s = np.sort(sec, axis=-1)
-    return 1 + np.sum(np.diff(s, axis=-1) != 0, axis=-1)
 
 
 def warp_load_sectors(
@@ -141,15 +138,12 @@ def search_tiles(n: int, m: int, seed: int = 1) -> list[dict]:
 
     rng = np.random.default_rng(seed)
     proj = FourierProjector(bench_gpu.blob_volume(n), r_max_px=0.4 * n + 1)
-    x, ctf, inv_s2, a, o = bench_gpu.particles(proj, m, rng)
-    a_cons = np.einsum(
-        "mij,mjk->mik", a, axis_angle_to_matrix(rng.normal(size=(m, 3)), 3.0)
-    )
+    x, ctf, inv_s2, a_cons, o_cons = bench_gpu.search_particles(proj, m, rng)
     search_ops.HostBatchOps.score = recording
     try:
         local_search(
             proj, x, ctf, inv_s2, consensus_rotations=a_cons,
-            consensus_origins_px=o + 0.7, r_max_px=0.4 * n, fulcrum_px=np.zeros(3),
+            consensus_origins_px=o_cons, r_max_px=0.4 * n, fulcrum_px=np.zeros(3),
         )  # fmt: skip
     finally:
         search_ops.HostBatchOps.score = score

@@ -107,27 +107,23 @@ def profiled_search(n: int, m: int) -> None:
     after a warm-up search of 4; prints ``particles: m`` for :func:`summarise`."""
     import numpy as np
 
-    from localrefine_plugin.engine.geometry import axis_angle_to_matrix
     from localrefine_plugin.engine.search import local_search
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
 
     r_max = round(0.4 * n)
     rng = np.random.default_rng(n)
     proj = FourierProjector(bench_gpu.blob_volume(n), r_max_px=r_max + 1)
-    x, ctf, inv_s2, a, o = bench_gpu.particles(proj, m, rng)
-    a_cons = np.einsum(
-        "mij,mjk->mik", a, axis_angle_to_matrix(rng.normal(size=(m, 3)), 3.0)
-    )
+    x, ctf, inv_s2, a_cons, o_cons = bench_gpu.search_particles(proj, m, rng)
     fns = dict(score_fn=get_score_fn(), power_fn=get_power_fn())
     kw = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max), batch_size=m)
     local_search(
         proj, x[:4], ctf[:4], inv_s2[:4], consensus_rotations=a_cons[:4],
-        consensus_origins_px=o[:4] + 0.7, **fns, **kw,
+        consensus_origins_px=o_cons[:4], **fns, **kw,
     )  # fmt: skip
     t0 = time.perf_counter()
     local_search(
         proj, x, ctf, inv_s2, consensus_rotations=a_cons,
-        consensus_origins_px=o + 0.7, **fns, **kw,
+        consensus_origins_px=o_cons, **fns, **kw,
     )  # fmt: skip
     print(f"particles: {m}")
     print(
