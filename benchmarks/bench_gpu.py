@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from localrefine_plugin.engine.backprojector import BackProjector  # noqa: E402
-from localrefine_plugin.engine.ctf import CtfParams, ctf_2d  # noqa: E402
+from localrefine_plugin.engine.ctf import CtfBatch, CtfParams, ctf_2d  # noqa: E402
 from localrefine_plugin.engine.fourier import image_to_fourier  # noqa: E402
 from localrefine_plugin.engine.geometry import (  # noqa: E402
     axis_angle_to_matrix,
@@ -73,6 +73,7 @@ from localrefine_plugin.engine.projector import FourierProjector, forward_model 
 from localrefine_plugin.engine.refine_options import RefineOptions  # noqa: E402
 from localrefine_plugin.engine.scoring import half_plane_pixels, score_poses  # noqa: E402
 from localrefine_plugin.engine.search import local_search  # noqa: E402
+from localrefine_plugin.kernels.cuda_ctf import device_ctf_enabled  # noqa: E402
 
 #: (name substring, FP32 TFLOP/s, memory TB/s): vendor peaks (H100 SXM5: 67
 #: TFLOP/s FP32, 3.35 TB/s HBM3; PCIe: 51, 2.0; H200: 67, 4.8; A100 SXM: 19.5, 2.04)
@@ -134,26 +135,33 @@ def blob_volume(
     return vol
 
 
-def particles(proj, m: int, rng, *, snr: float = 0.3):
-    """m noisy CTF-modulated images of the map at random poses (Fourier layout)."""
+def particles(proj, m: int, rng, *, snr: float = 0.3, ctf_params: bool = False):
+    """m noisy CTF-modulated images of the map at random poses (Fourier layout).
+
+    Returns ``(images, ctf, inv_sigma2, rotations, origins)``; ``ctf_params``:
+    the CTFs as their parameters (an ``engine.ctf.CtfBatch``, which
+    ``np.asarray`` evaluates to the same values), as the refine command hands
+    them to the GPU search.
+    """
     n = proj.n
     a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
     o = rng.uniform(-2, 2, (m, 2))
     d = rng.uniform(8000, 20000, m)
-    ctf = ctf_2d(CtfParams(d, 0.97 * d, rng.uniform(0, 180, m)), n, 1.5)
+    batch = CtfBatch(CtfParams(d, 0.97 * d, rng.uniform(0, 180, m)), n, 1.5, m)
+    ctf = np.asarray(batch)
     clean = forward_model(proj, a, origins_px=o, ctf=ctf)
     sd = float(np.sqrt(np.mean(np.abs(clean) ** 2) / (n * n) / snr))
     x = clean + image_to_fourier(rng.normal(0, sd, (m, n, n)).astype(np.float32))
     inv_s2 = np.full((m, n // 2 + 1), 1.0 / (sd * sd * n * n))
-    return x.astype(np.complex64), ctf, inv_s2, a, o
+    return x.astype(np.complex64), batch if ctf_params else ctf, inv_s2, a, o
 
 
-def search_particles(proj, m: int, rng):
+def search_particles(proj, m: int, rng, *, ctf_params: bool = False):
     """``m`` particles (:func:`particles`) for a local search, with consensus poses
     off their true ones: rotations 3 deg away about random axes, origins 0.7 px
     further. Returns ``(images, ctf, inv_sigma2, consensus_rotations,
     consensus_origins_px)``."""
-    x, ctf, inv_s2, a, o = particles(proj, m, rng)
+    x, ctf, inv_s2, a, o = particles(proj, m, rng, ctf_params=ctf_params)
     a_cons = np.einsum(
         "mij,mjk->mik", a, axis_angle_to_matrix(rng.normal(size=(m, 3)), 3.0)
     )
@@ -527,7 +535,10 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         count["search_cpu"],
         count["search_batch"],
     )
-    xs, cs, ss, a_cons, o_cons = search_particles(proj, m_s_gpu, rng)
+    xs, cs_params, ss, a_cons, o_cons = search_particles(
+        proj, m_s_gpu, rng, ctf_params=True
+    )
+    cs = np.asarray(cs_params)  # the CTFs computed on the host, to be uploaded
     kw = dict(
         consensus_rotations=a_cons, consensus_origins_px=o_cons,
         fulcrum_px=np.zeros(3), r_max_px=float(r_max),
@@ -561,6 +572,9 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         # device arrays allocated directly, without the memory pool
         # ($LOCALREFINE_GPU_POOL=0: every free waits for the GPU)
         "bound_batch128_nopool": batch128(pool="0"),
+        # the CTFs' parameters, evaluated on the GPU (kernels/cuda_ctf.py), as
+        # the refine command passes them, instead of uploading host values
+        "bound_batch128_ctfparams": batch128(ctf_params=True),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -577,10 +591,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     for key, cfg in configs.items():
         cfg = dict(cfg)
         set_knobs(**{k: cfg.pop(k) for k in knobs if k in cfg})
-        local_search(proj, xs[:4], cs[:4], ss[:4], **warm, **cfg)  # warm (compiles)
+        ctf_in = cs_params if cfg.pop("ctf_params", False) else cs
+        local_search(proj, xs[:4], ctf_in[:4], ss[:4], **warm, **cfg)  # warm
 
-        def gpu_search(cfg=cfg, key=key):
-            found[key] = local_search(proj, xs, cs, ss, **kw, **cfg)
+        def gpu_search(cfg=cfg, key=key, ctf_in=ctf_in):
+            found[key] = local_search(proj, xs, ctf_in, ss, **kw, **cfg)
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
     set_knobs()
@@ -594,7 +609,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         res[f"variant_{v}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
         )
-    for key in ("rlanes", "wide", "wide_rl", "nopool"):
+    for key in ("rlanes", "wide", "wide_rl", "nopool", "ctfparams"):
         got = found[f"bound_batch128_{key}"]
         res[f"{key}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
@@ -651,7 +666,9 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"{res['gpu_particles_per_s_bound_batch128_wide_rl']:.4g} (same pose for "
         f"{res['wide_rl_same_pose']}); without the memory pool "
         f"($LOCALREFINE_GPU_POOL=0) {res['gpu_particles_per_s_bound_batch128_nopool']:.4g}"
-        f" (same pose for {res['nopool_same_pose']}); default "
+        f" (same pose for {res['nopool_same_pose']}); the CTFs evaluated on the GPU "
+        f"from their parameters {res['gpu_particles_per_s_bound_batch128_ctfparams']:.4g}"
+        f" (same pose for {res['ctfparams_same_pose']}); default (host CTFs uploaded) "
         f"{res['gpu_particles_per_s_bound_batch128']:.4g}"
     )
     log(
@@ -668,7 +685,14 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # (each with its own CUDA context; the host work of one overlaps the
     # kernels of the others); each process searches all the particles above
     # in batches of 128, as each rank of a large data set does whatever K
-    data = (xs, cs, ss, a_cons, o_cons)
+    # the CTFs as the faster of the two ways (the refine command evaluates
+    # them on the GPU unless $LOCALREFINE_GPU_CTF=host)
+    params_faster = (
+        res["gpu_particles_per_s_bound_batch128_ctfparams"]
+        > res["gpu_particles_per_s_bound_batch128"]
+    )
+    res["processes_ctf"] = "parameters" if params_faster else "values"
+    data = (xs, cs_params if params_faster else cs, ss, a_cons, o_cons)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
     ref = found["bound_batch128"]
     sampler = (
@@ -896,17 +920,26 @@ def report(results: dict, log) -> None:
             f"search {t_search / 60:.1f} min + insertion {t_insert / 60:.1f} min = "
             f"{(t_search + t_insert) / 60:.1f} min (image reading not included)"
         )
-        # an iteration transforms every image and computes its CTF once, in the
-        # alignment pass (which also inserts), plus the noise pass's particles:
-        # at most RefineOptions.noise_particles per optics group (one group here)
-        per_particle_ms = r["host_fft_ms_per_particle"] + r["host_ctf_ms_per_particle"]
+        # an iteration transforms every image once in the alignment pass (which
+        # also inserts; its CTFs are evaluated on the GPU unless
+        # $LOCALREFINE_GPU_CTF=host), plus the noise pass's particles with their
+        # CTFs on the host: at most RefineOptions.noise_particles per optics
+        # group (one group here)
+        fft_ms, ctf_ms = r["host_fft_ms_per_particle"], r["host_ctf_ms_per_particle"]
+        ctf_on_gpu = device_ctf_enabled()
         n_noise = min(1e6, RefineOptions().noise_particles or 1e6)
-        prep = (1e6 + n_noise) * per_particle_ms / 1e3
+        prep = (1e6 * (fft_ms + (0 if ctf_on_gpu else ctf_ms))
+                + n_noise * (fft_ms + ctf_ms)) / 1e3  # fmt: skip
         cores = os.cpu_count() or 1
         results["million_particles_box256_host_prep_core_s"] = prep
+        ctf_where = (
+            "the noise pass only: the alignment pass evaluates them on the GPU"
+            if ctf_on_gpu
+            else "10^6 images"
+        )
         log(
-            f"plus the host's image FFTs and CTFs (10^6 images, {n_noise:.0f} again for "
-            f"the noise): {prep / 60:.1f} "
+            f"plus the host's image FFTs (10^6 images) and CTFs ({ctf_where}; "
+            f"{n_noise:.0f} images again for the noise): {prep / 60:.1f} "
             f"core-minutes, {prep / 60 / cores:.1f} min on this machine's {cores} cores "
             f"(ranks prepare their particles while others use the GPU)"
         )

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from localrefine_plugin.engine.ctf import CtfParams, ctf_2d, electron_wavelength_a
+from localrefine_plugin.engine.ctf import (
+    N_COEFFICIENTS,
+    CtfBatch,
+    CtfParams,
+    ctf_2d,
+    ctf_coefficients,
+    electron_wavelength_a,
+)
 from localrefine_plugin.engine.fourier import frequency_grid_2d
 
 
@@ -121,3 +128,45 @@ def test_ctf_equals_relions_formula_pixel_by_pixel(n, dtype, atol):
         )
         want = -np.sin(chi) * np.exp(-params.bfactor_a2[i] / 4 * u2) * params.scale[i]
         np.testing.assert_allclose(got[i], want, rtol=0, atol=atol)
+
+
+def test_ctf_batch_is_lazy_and_indexes_like_the_values():
+    """`CtfBatch` evaluates to `ctf_2d` of its parameters; rows of the batch are
+    the batch of those rows' parameters (slices and index arrays), scalar
+    fields stay shared, and `coefficients` gives one row per particle."""
+    rng = np.random.default_rng(8)
+    m, n, apix = 6, 24, 1.1
+    params = CtfParams(
+        rng.uniform(8000, 20000, m), rng.uniform(8000, 20000, m),
+        rng.uniform(0, 180, m), bfactor_a2=rng.uniform(0, 50, m),
+    )  # fmt: skip
+    batch = CtfBatch(params, n, apix, m)
+    values = ctf_2d(params, n, apix)
+    assert len(batch) == m and batch.shape == values.shape
+    assert np.array_equal(np.asarray(batch), values)
+    for rows in (slice(1, 4), np.array([5, 0, 2]), slice(None, None, 2)):
+        part = batch[rows]
+        assert np.array_equal(np.asarray(part), values[rows])
+        assert part.params.voltage_kv == 300.0  # scalar fields stay shared
+    assert batch.coefficients().shape == (m, N_COEFFICIENTS)
+    shared = CtfBatch(CtfParams(15000.0, 14000.0, 20.0), n, apix, 4)
+    assert np.array_equal(np.asarray(shared)[3], ctf_2d(shared.params, n, apix))
+    c = shared.coefficients()
+    assert c.shape == (4, N_COEFFICIENTS) and np.all(c == c[:1])
+    with pytest.raises(IndexError):
+        batch[np.zeros((2, 2), int)]
+
+
+def test_ctf_coefficients_match_the_formula_terms():
+    """`ctf_coefficients` per particle: the mean and astigmatic defocus terms,
+    pi lambda, pi/2 Cs lambda^3, the constant phase, -B/4 and -scale."""
+    params = CtfParams(20000.0, 16000.0, 30.0, 300.0, 2.7, 0.1, 45.0, 80.0, 0.8)
+    c = ctf_coefficients(params)[0]
+    lam = electron_wavelength_a(300.0)
+    half = -(20000.0 - 16000.0) / 2
+    want = [
+        -18000.0, half * np.cos(np.deg2rad(60)), half * np.sin(np.deg2rad(60)),
+        np.pi * lam, np.pi / 2 * 2.7e7 * lam**3,
+        -np.pi / 4 - np.arctan(0.1 / np.sqrt(0.99)), -20.0, -0.8,
+    ]  # fmt: skip
+    np.testing.assert_allclose(c, want, rtol=1e-14)

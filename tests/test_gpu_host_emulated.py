@@ -129,7 +129,14 @@ _SIG = re.compile(
     r'extern "C" __global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(([^)]*)\)',
     re.S,
 )
-_CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
+_CTYPES = {
+    "ptr": ctypes.c_void_p,
+    "int": ctypes.c_int,
+    "float": ctypes.c_float,
+    "double": ctypes.c_double,
+}
+#: the NumPy scalar type a launch must pass for each scalar kind (as PyCUDA packs it)
+_SCALARS = {"int": np.int32, "float": np.float32, "double": np.float64}
 _BUILD: list[Path] = []  # the session's build folder (under pytest's tmp_path_factory)
 _LIBS: dict[str, ctypes.CDLL] = {}
 
@@ -139,7 +146,10 @@ def _parse_params(params: str) -> list[tuple[str, str]]:
     for p in params.split(","):
         p = " ".join(p.split())
         name = p.split()[-1].lstrip("*")
-        kind = "ptr" if "*" in p else ("int" if p.startswith("int") else "float")
+        if "*" in p:
+            kind = "ptr"
+        else:
+            kind = next((k for k in ("int", "double") if p.startswith(k)), "float")
         out.append((kind, name))
     return out
 
@@ -264,12 +274,11 @@ class FakeFunction:
                         f"{self.name}.{pname}: {type(arg)}"
                     )
                     values.append(arg.gpudata)
-            elif kind == "int":
-                assert isinstance(arg, np.int32), f"{self.name}.{pname}: {type(arg)}"
-                values.append(int(arg))
             else:
-                assert isinstance(arg, np.float32), f"{self.name}.{pname}: {type(arg)}"
-                values.append(float(arg))
+                assert isinstance(arg, _SCALARS[kind]), (
+                    f"{self.name}.{pname}: {type(arg)} for a {kind}"
+                )
+                values.append(int(arg) if kind == "int" else float(arg))
         block = tuple(block)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         assert len(block) == 3 and np.prod(block) <= 1024
@@ -407,6 +416,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "projection_power",
         "power_weighted_sums",
         "candidate_rotations",
+        "ctf_half_plane",
     }
     assert names == expected
 
@@ -574,17 +584,23 @@ def test_resident_insertion_equals_shifting_and_uploading(
         CudaBackProjector(n + 2).insert_resident(ops.images_g, None, 0, *poses[:2])
 
 
+@pytest.mark.parametrize("ctf_at", ["device", "host"])
 def test_gpu_alignment_pass_inserts_from_the_resident_batch(
-    fake_pycuda, tmp_path, monkeypatch
+    fake_pycuda, tmp_path, monkeypatch, ctf_at
 ):
     """With GPU accumulators and the GPU search, `align_particles` inserts each
     batch from the search's device copies (no host insertion), and the maps
-    equal a separate reconstruction pass at the poses it returned."""
+    equal a separate reconstruction pass at the poses it returned (host
+    CTFs). By default the CTFs are evaluated on the device from their
+    parameters and no CTF is computed on the host; `$LOCALREFINE_GPU_CTF=host`
+    computes and uploads them."""
+    from localrefine_plugin.engine import ctf as ctf_mod
     from localrefine_plugin.engine import mrc_io, reconstruct, refine_steps
     from localrefine_plugin.engine.geometry import matrix_to_euler
     from localrefine_plugin.engine.particles import read_particles
     from localrefine_plugin.engine.refine_options import RefineOptions
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_ctf import CTF_ENV
     from localrefine_plugin.kernels.cuda_scoring import get_power_fn, get_score_fn
 
     from .test_refine import BOX, make_dataset
@@ -606,6 +622,15 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
         return real_insert(self, *args, **kw)
 
     monkeypatch.setattr(CudaBackProjector, "insert", counting_insert)
+    monkeypatch.setenv(CTF_ENV, ctf_at)
+    host_ctfs = []
+    real_ctf_2d = ctf_mod.ctf_2d
+
+    def counting_ctf_2d(params, *args, **kw):
+        host_ctfs.append(np.size(params.defocus_u_a))
+        return real_ctf_2d(params, *args, **kw)
+
+    monkeypatch.setattr(reconstruct, "ctf_2d", counting_ctf_2d)
     accumulators = reconstruct.half_set_accumulators(
         particles.box, backprojector=CudaBackProjector
     )
@@ -625,6 +650,9 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
     )
     assert not host_inserts  # every image came from the search's device copies
     assert sum(bp.n_inserted for bp in accumulators) == particles.n
+    on_device = "ctf.cu" in fake_pycuda["modules"]
+    assert on_device == (ctf_at == "device")
+    assert sum(host_ctfs) == (0 if on_device else particles.n)
     fused = refine_steps.reconstruct_and_compare(
         accumulators, mask, pixel_size_a=particles.pixel_size_a, options=options
     )
@@ -639,6 +667,90 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
     )
     scale = np.abs(separate.raw_halves).max()
     assert np.abs(fused.raw_halves - separate.raw_halves).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("n", [20, 21])
+def test_ctfs_evaluated_on_the_device_equal_the_engine(fake_pycuda, rng, n):
+    """Kernel `ctf_half_plane` (`cuda_ctf.ctf_on_device` of a `CtfBatch`) equals
+    `ctf_2d` in float64 to 1e-6: per-particle defoci, astigmatism, voltages,
+    phase shifts, B-factors and scales, even and odd boxes, and a defocus of
+    5 um at 0.6 A/px (|chi| of hundreds of radians); one set of parameters for
+    all is evaluated once (stride 0), as is a stride-0 array."""
+    from localrefine_plugin.engine.ctf import CtfBatch
+    from localrefine_plugin.kernels.cuda_ctf import ctf_on_device
+
+    m, px = 5, 0.6
+    params = CtfParams(
+        defocus_u_a=rng.uniform(5000, 50000, m),
+        defocus_v_a=rng.uniform(5000, 50000, m),
+        defocus_angle_deg=rng.uniform(-180, 180, m),
+        voltage_kv=rng.choice([200.0, 300.0], m),
+        cs_mm=2.7,
+        amplitude_contrast=0.07,
+        phase_shift_deg=rng.uniform(0, 90, m),
+        bfactor_a2=np.array([0.0, 50.0, 0.0, 120.0, 10.0]),
+        scale=rng.uniform(0.5, 1.0, m),
+    )
+    want = ctf_2d(params, n, px, dtype=np.float64)
+    chi_max = np.pi * 0.0251 * 50000 * (0.5 / px) ** 2  # about 1300 rad at 200 kV
+    assert chi_max > 500
+    ctf_g, stride = ctf_on_device(CtfBatch(params, n, px, m), m, n)
+    assert stride == n * (n // 2 + 1)
+    got = ctf_g.get().reshape(m, n, n // 2 + 1)
+    assert np.abs(got - want).max() <= 1e-6
+    # shared parameters: one CTF, stride 0
+    one = CtfParams(21000.0, 19000.0, 35.0, bfactor_a2=40.0)
+    ctf_g, stride = ctf_on_device(CtfBatch(one, n, px, m), m, n)
+    assert stride == 0 and ctf_g.shape == (1, n * (n // 2 + 1))
+    assert (
+        np.abs(ctf_g.get().reshape(n, -1) - ctf_2d(one, n, px, np.float64)).max()
+        <= 1e-6
+    )
+    host = np.broadcast_to(ctf_2d(one, n, px), (m, n, n // 2 + 1))
+    ctf_g, stride = ctf_on_device(host, m, n)
+    assert stride == 0 and np.array_equal(ctf_g.get().reshape(n, -1), host[0])
+    with pytest.raises(ValueError, match="CTF batch of shape"):
+        ctf_on_device(CtfBatch(params, n, px, m), m + 1, n)
+
+
+def test_bound_batch_with_ctf_parameters_scores_and_inserts_as_with_values(
+    fake_pycuda, rng
+):
+    """`bind_batch` given a `CtfBatch` (CTFs evaluated on the device) scores,
+    and inserts from its resident images, as given the host's CTF values (to
+    the float32 rounding of the CTF)."""
+    from localrefine_plugin.engine.ctf import CtfBatch
+    from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
+    from localrefine_plugin.kernels.cuda_scoring import get_score_fn
+
+    n, m, n_rot, n_shift = 20, 3, 4, 5
+    proj = FourierProjector(blob_map(n, seed=11))
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, m)))
+    params = CtfParams(rng.uniform(8000, 20000, m), 15000.0, 10.0, bfactor_a2=30.0)
+    batch = CtfBatch(params, n, 2.0, m)
+    ctf = np.asarray(batch)
+    x = forward_model(proj, a, ctf=ctf)
+    x = x + rng.normal(0, 3, x.shape) + 1j * rng.normal(0, 3, x.shape)
+    inv_s2 = rng.uniform(0.5, 2.0, (m, n // 2 + 1))
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, m, n_rot)))
+    shifts = rng.uniform(-3, 3, (m, n_shift, 2))
+    zeros_r, zeros_s = np.zeros((m, n_rot)), np.zeros((m, n_shift))
+    fn = get_score_fn()
+    with_values = fn.bind_batch(proj, x, ctf, inv_s2, r_max_px=9.0)
+    with_params = fn.bind_batch(proj, x, batch, inv_s2, r_max_px=9.0)
+    assert "ctf.cu" in fake_pycuda["modules"]
+    want = with_values.score(rots, shifts, r_max_px=9.0, rotation_shifts_px=None)
+    got = with_params.score(rots, shifts, r_max_px=9.0, rotation_shifts_px=None)
+    want, got = want.values(zeros_r, zeros_s), got.values(zeros_r, zeros_s)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    accumulators = []
+    origins = rng.uniform(-2, 2, (m, 2))
+    for ops in (with_values, with_params):
+        bp = CudaBackProjector(n, padding=2)
+        ops.insert_at_poses(bp, a, origins)
+        accumulators.append((bp.data, bp.weight))
+    for got_acc, want_acc in zip(accumulators[1], accumulators[0], strict=True):
+        assert np.abs(got_acc - want_acc).max() <= 1e-5 * np.abs(want_acc).max()
 
 
 def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from localrefine_plugin.engine.backprojector import BackProjector
-from localrefine_plugin.engine.ctf import CtfParams, ctf_2d
+from localrefine_plugin.engine.ctf import CtfBatch, CtfParams, ctf_2d
 from localrefine_plugin.engine.fourier import image_to_fourier
 from localrefine_plugin.engine.fsc import fsc_curve
 from localrefine_plugin.engine.geometry import (
@@ -77,16 +77,20 @@ def test_projections_match_the_cpu(gpu, rng, n, r_max, dtype):
     assert np.abs(single - cpu[0]).max() <= 1e-4 * np.abs(cpu).max()
 
 
-def _particles(rng, n, m, *, snr=1.0):
+def _particles(rng, n, m, *, snr=1.0, ctf_params=False):
+    """Noisy CTF-modulated projections; ``ctf_params``: the CTFs as a `CtfBatch`."""
     proj = FourierProjector(blob_map(n, seed=5))
     a_true = _random_rotations(rng, m)
     o_true = rng.uniform(-2, 2, (m, 2))
     d = rng.uniform(8000, 20000, m)
-    ctf = ctf_2d(CtfParams(d, 0.97 * d, rng.uniform(0, 180, m)), n, 2.0)
+    params = CtfParams(d, 0.97 * d, rng.uniform(0, 180, m))
+    ctf = ctf_2d(params, n, 2.0)
     clean = forward_model(proj, a_true, origins_px=o_true, ctf=ctf)
     sd = np.sqrt(np.mean(np.abs(clean) ** 2) / (n * n) / snr)
     x = clean + image_to_fourier(rng.normal(0, sd, (m, n, n)).astype(np.float32))
     inv_s2 = np.full((m, n // 2 + 1), 1.0 / (sd * sd * n * n))
+    if ctf_params:
+        ctf = CtfBatch(params, n, 2.0, m)
     return proj, x.astype(np.complex64), ctf, inv_s2, a_true, o_true
 
 
@@ -121,7 +125,8 @@ def test_scores_match_the_cpu(gpu, rng, n, with_rotation_shifts, n_shift):
 @pytest.mark.parametrize(
     "setting",
     ["score_fn", "score_and_power_priors_top3", "cells_priors_top3",
-     "rlanes_priors_top3", "widerl_priors_top3", "nopool_priors_top3"],
+     "rlanes_priors_top3", "widerl_priors_top3", "nopool_priors_top3",
+     "ctfparams_priors_top3"],
 )  # fmt: skip
 def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     gpu, rng, setting, monkeypatch
@@ -129,7 +134,8 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     """The GPU score_fn (bound batches: grids scored and reduced on the device)
     alone, and with the GPU bound power, priors, a fulcrum and the top 3 poses
     (the scoring kernels reading the volume, or its cells; with rotation lanes,
-    and wide tiles too; device arrays allocated without the memory pool)."""
+    and wide tiles too; device arrays allocated without the memory pool; CTFs
+    given as parameters, evaluated on the device and on the host)."""
     from localrefine_plugin.kernels import get_power_fn, get_score_fn
     from localrefine_plugin.kernels.backend import POOL_ENV
     from localrefine_plugin.kernels.cuda_scoring import LANES_ENV, SAMPLER_ENV, WIDE_ENV
@@ -143,7 +149,9 @@ def test_local_search_with_the_gpu_score_fn_finds_the_cpu_poses(
     monkeypatch.setenv(POOL_ENV, "0" if setting.startswith("nopool") else "1")
 
     n, m = 64, 24
-    proj, x, ctf, inv_s2, a_true, o_true = _particles(rng, n, m, snr=0.5)
+    proj, x, ctf, inv_s2, a_true, o_true = _particles(
+        rng, n, m, snr=0.5, ctf_params=setting.startswith("ctfparams")
+    )
     axes = rng.normal(size=(m, 3))
     a_cons = np.einsum(
         "mij,mjk->mik", a_true, axis_angle_to_matrix(axes, np.full(m, 3.0))
@@ -208,11 +216,16 @@ def test_back_projection_matches_the_cpu(gpu, rng, n, accumulator):
     assert fsc[1:].min() >= 0.999
 
 
-@pytest.mark.parametrize(("k", "scheme"), [(1, "atomic"), (3, "atomic"), (3, "gather")])
-def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme):
+@pytest.mark.parametrize(
+    ("k", "scheme", "ctf_at"),
+    [(1, "atomic", "host"), (3, "atomic", "host"), (3, "gather", "host"),
+     (3, "atomic", "device")],
+)  # fmt: skip
+def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme, ctf_at):
     """Insertion from the search's device copies (`CudaBatchOps.insert_at_poses`:
-    images and CTFs uploaded once, shifted on the GPU) equals the CPU's
-    `insert_at_poses` (shifted on the host), K weighted poses per image."""
+    images and CTFs uploaded once, or the CTFs evaluated on the device from
+    their parameters, shifted on the GPU) equals the CPU's `insert_at_poses`
+    (shifted on the host), K weighted poses per image."""
     from localrefine_plugin.engine.reconstruct import insert_at_poses
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
     from localrefine_plugin.kernels.cuda_scoring import get_score_fn
@@ -220,7 +233,8 @@ def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme):
     n, m = 64, 200
     proj = FourierProjector(blob_map(n, seed=5))
     d = rng.uniform(8000, 20000, m)
-    ctf = ctf_2d(CtfParams(d, d, 0.0), n, 2.0)
+    params = CtfParams(d, 0.95 * d, rng.uniform(0, 180, m), bfactor_a2=20.0)
+    ctf = ctf_2d(params, n, 2.0)
     f = forward_model(proj, _random_rotations(rng, m), ctf=ctf).astype(np.complex64)
     rots = _random_rotations(rng, m * k).reshape(m, k, 3, 3)
     origins = rng.uniform(-4, 4, (m, k, 2))
@@ -228,7 +242,10 @@ def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme):
     poses = (rots, origins, weights) if k > 1 else (rots[:, 0], origins[:, 0], None)
     cpu = BackProjector(n)
     insert_at_poses(cpu, f, *poses, ctf=ctf)
-    ops = get_score_fn().bind_batch(proj, f, ctf, np.ones(n // 2 + 1), r_max_px=20.0)
+    bound_ctf = CtfBatch(params, n, 2.0, m) if ctf_at == "device" else ctf
+    ops = get_score_fn().bind_batch(
+        proj, f, bound_ctf, np.ones(n // 2 + 1), r_max_px=20.0
+    )
     dev = CudaBackProjector(n, scheme=scheme)
     ops.insert_at_poses(dev, *poses)
     ops.close()
@@ -237,9 +254,31 @@ def test_resident_insertion_matches_the_cpu(gpu, rng, k, scheme):
     assert np.abs(dev.weight - cpu.weight).max() <= 1e-4 * cpu.weight.max()
     fsc = fsc_curve(dev.reconstruct(), cpu.reconstruct())
     print(
-        f"resident insertion ({scheme}), K = {k}: min FSC GPU vs CPU {fsc[1:].min():.6f}"
+        f"resident insertion ({scheme}, CTFs from the {ctf_at}), K = {k}: "
+        f"min FSC GPU vs CPU {fsc[1:].min():.6f}"
     )
     assert fsc[1:].min() >= 0.999
+
+
+@pytest.mark.parametrize("n", [64, 65, 256])
+def test_ctfs_evaluated_on_the_gpu_match_the_cpu(gpu, rng, n):
+    """Kernel `ctf_half_plane` against `ctf_2d` in float64: to 1e-6 for per-
+    particle defoci, astigmatism, voltages, phase shifts, B-factors and scales
+    (0.8 A/px, defoci to 4 um)."""
+    from localrefine_plugin.kernels.cuda_ctf import ctf_on_device
+
+    m = 9
+    params = CtfParams(
+        rng.uniform(5000, 40000, m), rng.uniform(5000, 40000, m),
+        rng.uniform(-180, 180, m), voltage_kv=rng.choice([200.0, 300.0], m),
+        phase_shift_deg=rng.uniform(0, 90, m), bfactor_a2=rng.uniform(0, 150, m),
+        scale=rng.uniform(0.5, 1.0, m),
+    )  # fmt: skip
+    ctf_g, stride = ctf_on_device(CtfBatch(params, n, 0.8, m), m, n)
+    got = ctf_g.get().reshape(m, n, n // 2 + 1)
+    err = np.abs(got - ctf_2d(params, n, 0.8, dtype=np.float64)).max()
+    print(f"box {n}: CTFs on the GPU vs the CPU's float64, max |difference| {err:.2e}")
+    assert stride == n * (n // 2 + 1) and err <= 1e-6
 
 
 def test_refine_device_switch_picks_the_gpu(gpu):

@@ -18,7 +18,6 @@ the whole data set has twice the half-set SSNR,
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,12 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backprojector import BackProjector
-from .ctf import CtfParams, ctf_2d
+from .ctf import ctf_2d, ctf_subset
 from .errors import InputError
 from .fourier import image_to_fourier, shift_images_fourier
 
 __all__ = [
-    "ctf_subset",
     "half_set_accumulators",
     "insert_at_poses",
     "read_batch",
@@ -42,16 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def ctf_subset(ctf: CtfParams, indices: np.ndarray, n: int) -> CtfParams:
-    """The CTF parameters of particles ``indices`` (fields of length ``n`` indexed)."""
-    changes = {}
-    for field in dataclasses.fields(ctf):
-        value = np.asarray(getattr(ctf, field.name))
-        if value.ndim >= 1 and value.shape[0] == n:
-            changes[field.name] = value[indices]
-    return dataclasses.replace(ctf, **changes)
 
 
 def read_batch(

@@ -33,6 +33,7 @@ from scipy import ndimage
 from . import fsc as fsc_mod
 from . import masks, noise, reconstruct, search
 from .backprojector import BackProjector
+from .ctf import CtfBatch, ctf_subset
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
@@ -235,13 +236,25 @@ def align_particles(
         and hasattr(score_fn, "bind_batch")
         and all(hasattr(a, "insert_resident") for a in accumulators)
     )
+    # a search that evaluates CTFs where it scores (the GPU's) gets their
+    # parameters: no host CTFs, and none uploaded
+    lazy_ctf = has_ctf and getattr(score_fn, "evaluates_ctf", False)
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
         out.seconds_setup += time.monotonic() - t0
 
         def prepare(idx: np.ndarray):
-            return idx, *read_batch(particles, idx, workers=prep_workers)
+            if not lazy_ctf:
+                return idx, *read_batch(particles, idx, workers=prep_workers)
+            images_f, _ = read_batch(particles, idx, workers=prep_workers, ctf=False)
+            ctf = CtfBatch(
+                ctf_subset(particles.ctf, idx, particles.n),
+                particles.box,
+                particles.pixel_size_a,
+                idx.size,
+            )
+            return idx, images_f, ctf
 
         def align(idx, images_f, ctf, projector=projector, half=half):
             on_batch = None
@@ -287,7 +300,7 @@ def align_particles(
                         accumulators[half - 1],
                         images_f,
                         *_insertion_poses(res, k),
-                        ctf=ctf if has_ctf else None,
+                        ctf=np.asarray(ctf) if has_ctf else None,
                     )
                 out.rotations[idx] = res.rotations
                 out.origins_px[idx] = res.origins_px

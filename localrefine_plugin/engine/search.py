@@ -105,6 +105,7 @@ from functools import partial
 
 import numpy as np
 
+from .ctf import CtfBatch
 from .geometry import geodesic_angle_deg
 from .local_grid import (
     clip_to_extent,
@@ -314,7 +315,7 @@ def _keep(
 def local_search(
     projector,
     images_f: np.ndarray,
-    ctf: np.ndarray,
+    ctf: np.ndarray | CtfBatch,
     inv_sigma2: np.ndarray,
     *,
     consensus_rotations: np.ndarray,
@@ -350,8 +351,10 @@ def local_search(
         The (masked) reference.
     images_f : ndarray, shape (m, N, N//2+1), complex
         Particle images (Fourier layout of :mod:`.fourier`).
-    ctf : ndarray, shape (m, N, N//2+1)
-        CTF per particle.
+    ctf : ndarray, shape (m, N, N//2+1), or CtfBatch
+        CTF per particle, or their parameters (:class:`.ctf.CtfBatch`): a
+        ``score_fn`` with ``bind_batch`` evaluates them where it scores (the
+        GPU's: ``kernels/cuda_ctf.py``), the host's ops once per batch.
     inv_sigma2 : ndarray, shape (m, N//2+1)
         ``1 / sigma2`` per shell (:mod:`.noise`).
     consensus_rotations : ndarray, shape (m, 3, 3)
@@ -458,7 +461,13 @@ def local_search(
         # with top-K, keep poses whose weight may exceed ~1e-3 of the best's
         slack=0.0 if top_k == 1 else 7.0,
     )
-    ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
+    if isinstance(ctf, CtfBatch):  # parameters: evaluated where the batch is scored
+        if ctf.shape != images_f.shape:
+            raise ValueError(
+                f"CTF batch of shape {ctf.shape} for images {images_f.shape}"
+            )
+    else:
+        ctf = np.broadcast_to(np.asarray(ctf), images_f.shape)
     inv_sigma2 = np.broadcast_to(
         np.asarray(inv_sigma2, dtype=np.float64), (m, n // 2 + 1)
     )

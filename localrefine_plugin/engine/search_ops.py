@@ -159,14 +159,16 @@ def batch_ops(score_fn, power_fn, projector, images_f, ctf, inv_sigma2, *, r_max
 
     A bound object's ``power`` and ``power_sums`` are used only when
     ``power_fn`` is ``score_fn.power``; another ``power_fn`` is kept as given.
+    ``ctf`` may be an :class:`.ctf.CtfBatch` (parameters): the bound object
+    takes it as it is; the host's ops evaluate it once here.
     """
-    args = (score_fn, power_fn, projector, images_f, ctf, inv_sigma2)
     bind = getattr(score_fn, "bind_batch", None)
+    host_args = (score_fn, power_fn, projector, images_f)
     if bind is None:
-        return HostBatchOps(*args)
+        return HostBatchOps(*host_args, np.asarray(ctf), inv_sigma2)
     ops = bind(projector, images_f, ctf, inv_sigma2, r_max_px=r_max_px)
     if power_fn != getattr(score_fn, "power", None):
-        host = HostBatchOps(*args)
+        host = HostBatchOps(*host_args, np.asarray(ctf), inv_sigma2)
         ops.power, ops.power_sums = host.power, host.power_sums
     return ops
 

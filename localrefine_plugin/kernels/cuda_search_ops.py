@@ -4,7 +4,9 @@
 :class:`CudaScoreFn`) binds each batch of particles once
 (:meth:`CudaScoreFn.bind_batch`):
 
-* the images, CTFs and ``1/sigma2`` are uploaded once; kernel ``fold_weights``
+* the images and ``1/sigma2`` are uploaded once, and the CTFs too, or
+  evaluated on the device from their parameters (:mod:`.cuda_ctf`, when the
+  caller passes an :class:`.engine.ctf.CtfBatch`); kernel ``fold_weights``
   (``search_prep.cu``) folds them into the scoring weights over the half-plane
   pixels sorted by radius, so every stage's radius is a prefix of one table
   (folded once per radius);
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine.ctf import CtfBatch
 from ..engine.scoring import _check_common, half_plane_pixels
 from ..engine.search_ops import HostGrid
 from .backend import batch_size_for, empty, free_memory, load_kernels, to_device
+from .cuda_ctf import ctf_on_device, device_ctf_enabled
 from .cuda_projector import device_volume
 from .cuda_scoring import (
     _power_cuda,
@@ -52,6 +56,13 @@ class CudaScoreFn:
     ``power`` is the GPU ``power_fn`` (:func:`.cuda_scoring._power_cuda`); pass
     it as ``power_fn`` so that bound batches compute it from their own weights.
     """
+
+    @property
+    def evaluates_ctf(self) -> bool:
+        """True: ``bind_batch`` takes CTF parameters (:class:`.engine.ctf.CtfBatch`)
+        and evaluates them on the device, so callers need not compute the CTFs
+        (``$LOCALREFINE_GPU_CTF=host``: False; :mod:`.cuda_ctf`)."""
+        return device_ctf_enabled()
 
     def __call__(self, *args, **kwargs):
         return _score_cuda(*args, **kwargs)
@@ -147,11 +158,14 @@ class CudaBatchOps:
     the search's largest radius (every scoring radius must be at most this).
     The images, CTFs and ``1/sigma2`` are uploaded once (float32); kernel
     ``fold_weights`` (``search_prep.cu``) folds them for each scoring radius.
+    ``ctf`` may be a :class:`.engine.ctf.CtfBatch`: evaluated on the device
+    (:func:`.cuda_ctf.ctf_on_device`), nothing computed or uploaded per pixel.
     """
 
     def __init__(self, projector, images_f, ctf, inv_sigma2, *, r_max_px: float):
-        images_f, ctf, inv_sigma2, self.m, self.n = _check_common(
-            images_f, ctf, inv_sigma2, r_max_px
+        lazy = isinstance(ctf, CtfBatch)  # parameters, evaluated on the device
+        images_f, ctf_values, inv_sigma2, self.m, self.n = _check_common(
+            images_f, 1.0 if lazy else ctf, inv_sigma2, r_max_px
         )
         self.projector = projector
         self.r_max = float(r_max_px)
@@ -167,12 +181,13 @@ class CudaBatchOps:
         self.mult_g = to_device(mult[order], np.float32)
         self.shell_g = to_device(shell[order], np.int32)
         self.image_size = self.n * (self.n // 2 + 1)
-        # a CTF / noise model shared by every particle is uploaded once (stride 0)
-        shared_ctf = ctf.strides[0] == 0
+        # a CTF / noise model shared by every particle is held once (stride 0)
+        shared_ctf = not lazy and ctf_values.strides[0] == 0
         _check_room(self.m, self.n, self.image_size * (8 + (0 if shared_ctf else 4)))
         self.images_g = to_device(images_f.reshape(self.m, -1), np.complex64)
-        self.ctf_stride = 0 if shared_ctf else self.image_size
-        self.ctf_g = to_device(ctf[:1] if shared_ctf else ctf, np.float32)
+        self.ctf_g, self.ctf_stride = ctf_on_device(
+            ctf if lazy else ctf_values, self.m, self.n
+        )
         shared_sigma = inv_sigma2.strides[0] == 0
         self.sigma_stride = 0 if shared_sigma else inv_sigma2.shape[1]
         self.sigma_g = to_device(
