@@ -214,8 +214,18 @@ def timed(fn, repeat: int = 1):
     return best
 
 
+def pinned_copy(a: np.ndarray) -> np.ndarray:
+    """``a`` copied into page-locked host memory (``kernels/host_staging.py``), as
+    the refine command's preparing threads write each batch's transforms."""
+    from localrefine_plugin.kernels.host_staging import HostStaging
+
+    out = HostStaging(a.nbytes, 1).lend(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def _search_process(
-    rank, device, n, r_max, data, kw, batch_size, repeat, barrier, queue
+    rank, device, n, r_max, data, kw, batch_size, repeat, barrier, queue, pinned=False
 ):
     """One of K processes sharing the GPU (as ``mpirun -np K`` ranks on one GPU).
 
@@ -223,17 +233,20 @@ def _search_process(
     context), searches its share of the particles ``repeat`` times, each
     start aligned with the other processes by ``barrier``, and puts
     ``(rank, [(start, stop), ...], rotations, origins)`` (``time.monotonic``,
-    comparable across processes) on ``queue``.
+    comparable across processes) on ``queue``. ``pinned``: the images are
+    first copied into page-locked memory (:func:`pinned_copy`).
     """
     fns = {}
+    x, c, s, a, o = data
     if device == "cuda":
         from localrefine_plugin.kernels import get_power_fn, get_score_fn
         from localrefine_plugin.kernels.backend import ensure_context
 
         ensure_context()
         fns = dict(score_fn=get_score_fn(), power_fn=get_power_fn())
+        if pinned:
+            x = pinned_copy(x)
     proj = FourierProjector(blob_volume(n), r_max_px=r_max + 1)
-    x, c, s, a, o = data
     args = dict(kw, **fns, batch_size=batch_size)
     local_search(
         proj, x[:2], c[:2], s[:2], consensus_rotations=a[:2],
@@ -253,6 +266,7 @@ def _search_process(
 def search_in_processes(
     k: int, device: str, n: int, r_max: int, data, kw, *, batch_size: int,
     repeat: int = 2, timeout_s: float = 300.0, whole: bool = False,
+    pinned: bool = False,
 ):  # fmt: skip
     """Particles/s of K processes sharing the device, each searching a block.
 
@@ -262,7 +276,8 @@ def search_in_processes(
     process keeps its batch size whatever K, as ranks of a large data set
     do). ``kw``: the other ``local_search`` arguments. Rate: the particles
     searched over the span from the first start to the last stop, best of
-    ``repeat``. Returns ``(rate, rotations, origins)``, the poses in particle
+    ``repeat``. ``pinned``: each process searches its images from page-locked
+    memory (``device="cuda"``). Returns ``(rate, rotations, origins)``, the poses in particle
     order (with ``whole``, the K processes' in rank order). A process that
     does not report within ``timeout_s`` fails the measurement.
     """
@@ -291,6 +306,7 @@ def search_in_processes(
                 repeat,
                 barrier,
                 out,
+                pinned,
             ),
         )
         for r in range(k)
@@ -539,6 +555,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         proj, m_s_gpu, rng, ctf_params=True
     )
     cs = np.asarray(cs_params)  # the CTFs computed on the host, to be uploaded
+    xs_pinned = pinned_copy(xs)
     kw = dict(
         consensus_rotations=a_cons, consensus_origins_px=o_cons,
         fulcrum_px=np.zeros(3), r_max_px=float(r_max),
@@ -575,6 +592,12 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         # the CTFs' parameters, evaluated on the GPU (kernels/cuda_ctf.py), as
         # the refine command passes them, instead of uploading host values
         "bound_batch128_ctfparams": batch128(ctf_params=True),
+        # the images in page-locked memory (kernels/host_staging.py: the refine
+        # command's preparing threads write the transforms there), so their
+        # upload needs no staging copy; alone, and with the CTFs' parameters
+        # (the refine command's default)
+        "bound_batch128_pinned": batch128(pinned=True),
+        "bound_batch128_ctfparams_pinned": batch128(ctf_params=True, pinned=True),
         "per_call": dict(
             score_fn=lambda *a, **k: _score_cuda(*a, **k),  # no bind_batch
             power_fn=lambda *a, **k: _power_cuda(*a, **k),
@@ -592,10 +615,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         cfg = dict(cfg)
         set_knobs(**{k: cfg.pop(k) for k in knobs if k in cfg})
         ctf_in = cs_params if cfg.pop("ctf_params", False) else cs
-        local_search(proj, xs[:4], ctf_in[:4], ss[:4], **warm, **cfg)  # warm
+        x_in = xs_pinned if cfg.pop("pinned", False) else xs
+        local_search(proj, x_in[:4], ctf_in[:4], ss[:4], **warm, **cfg)  # warm
 
-        def gpu_search(cfg=cfg, key=key, ctf_in=ctf_in):
-            found[key] = local_search(proj, xs, ctf_in, ss, **kw, **cfg)
+        def gpu_search(cfg=cfg, key=key, ctf_in=ctf_in, x_in=x_in):
+            found[key] = local_search(proj, x_in, ctf_in, ss, **kw, **cfg)
 
         res[f"gpu_particles_per_s_{key}"] = m_s_gpu / timed(gpu_search, repeat=2)
     set_knobs()
@@ -609,7 +633,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         res[f"variant_{v}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
         )
-    for key in ("rlanes", "wide", "wide_rl", "nopool", "ctfparams"):
+    for key in ("rlanes", "wide", "wide_rl", "nopool", "ctfparams", "pinned",
+                "ctfparams_pinned"):  # fmt: skip
         got = found[f"bound_batch128_{key}"]
         res[f"{key}_same_pose"] = same_poses(
             got.rotations, got.origins_px, volume.rotations, volume.origins_px
@@ -666,10 +691,18 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         f"{res['gpu_particles_per_s_bound_batch128_wide_rl']:.4g} (same pose for "
         f"{res['wide_rl_same_pose']}); without the memory pool "
         f"($LOCALREFINE_GPU_POOL=0) {res['gpu_particles_per_s_bound_batch128_nopool']:.4g}"
-        f" (same pose for {res['nopool_same_pose']}); the CTFs evaluated on the GPU "
-        f"from their parameters {res['gpu_particles_per_s_bound_batch128_ctfparams']:.4g}"
-        f" (same pose for {res['ctfparams_same_pose']}); default (host CTFs uploaded) "
+        f" (same pose for {res['nopool_same_pose']}); default "
         f"{res['gpu_particles_per_s_bound_batch128']:.4g}"
+    )
+    log(
+        "  local search, batches of 128, the CTFs and images (default above: host "
+        "CTFs uploaded, images in pageable memory): CTFs evaluated on the GPU from "
+        f"their parameters {res['gpu_particles_per_s_bound_batch128_ctfparams']:.4g}"
+        f" particles/s (same pose for {res['ctfparams_same_pose']}); images in "
+        f"page-locked memory {res['gpu_particles_per_s_bound_batch128_pinned']:.4g} "
+        f"(same pose for {res['pinned_same_pose']}); both, as the refine command "
+        f"does {res['gpu_particles_per_s_bound_batch128_ctfparams_pinned']:.4g} "
+        f"(same pose for {res['ctfparams_pinned_same_pose']})"
     )
     log(
         "  local search, batches of 128, one kernel variant at every stage "
@@ -685,14 +718,19 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # (each with its own CUDA context; the host work of one overlaps the
     # kernels of the others); each process searches all the particles above
     # in batches of 128, as each rank of a large data set does whatever K
-    # the CTFs as the faster of the two ways (the refine command evaluates
-    # them on the GPU unless $LOCALREFINE_GPU_CTF=host)
-    params_faster = (
-        res["gpu_particles_per_s_bound_batch128_ctfparams"]
-        > res["gpu_particles_per_s_bound_batch128"]
-    )
-    res["processes_ctf"] = "parameters" if params_faster else "values"
-    data = (xs, cs_params if params_faster else cs, ss, a_cons, o_cons)
+    # the CTFs and images as the fastest of the four ways (the refine command
+    # evaluates the CTFs on the GPU unless $LOCALREFINE_GPU_CTF=host, and
+    # stages the images in page-locked memory unless $LOCALREFINE_GPU_PINNED=0)
+    ways = {
+        (ctf_way, pinned): res["gpu_particles_per_s_bound_batch128" + suffix]
+        for (ctf_way, pinned), suffix in {
+            ("values", False): "", ("parameters", False): "_ctfparams",
+            ("values", True): "_pinned", ("parameters", True): "_ctfparams_pinned",
+        }.items()
+    }  # fmt: skip
+    ctf_way, pinned = max(ways, key=ways.get)
+    res["processes_ctf"], res["processes_pinned"] = ctf_way, pinned
+    data = (xs, cs_params if ctf_way == "parameters" else cs, ss, a_cons, o_cons)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))
     ref = found["bound_batch128"]
     sampler = (
@@ -714,7 +752,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
                 k, "cuda", n, r_max, data, kw_p, batch_size=batch, timeout_s=120.0,
-                whole=True,
+                whole=True, pinned=pinned,
             )  # fmt: skip
         except RuntimeError as exc:
             res[f"processes{k}_error"] = str(exc)
@@ -730,7 +768,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         log(
             f"  local search, {k} processes sharing the GPU (each all {m_s_gpu} "
             f"particles in batches of 128, reading the {sampler}, lanes -> {lanes}, "
-            f"wide {wide}): "
+            f"wide {wide}, CTF {ctf_way}, images {'page-locked' if pinned else 'pageable'}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
         )

@@ -12,8 +12,8 @@
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
 # "j64_s64 j64_s64_cells"; default none); LR_ITER_SETTINGS (the iteration again
 # with each setting, comma-separated VAR=VALUE words; default rotation lanes, then
-# rotation lanes and wide tiles, then the CTFs computed on the host and uploaded
-# as before the ninth session; "" for none);
+# rotation lanes and wide tiles, then the CTFs computed on the host and the images
+# uploaded from pageable memory, as before the ninth session; "" for none);
 # LR_NCU_VARIANTS (kernels profiled by ncu, default "s64 s64_rl s64_wide_rl", 64
 # particles at box 256); LR_NCU_SEARCH (particles of the one-batch GPU search whose
 # every kernel ncu times, default 256; 0 for none).
@@ -200,7 +200,7 @@ if want iteration; then
     unset LOCALREFINE_SCORE_VARIANT
     for setting in ${LR_ITER_SETTINGS-LOCALREFINE_SCORE_LANES=rotations \
         LOCALREFINE_SCORE_LANES=rotations,LOCALREFINE_SCORE_WIDE=1 \
-        LOCALREFINE_GPU_CTF=host}; do
+        LOCALREFINE_GPU_CTF=host,LOCALREFINE_GPU_PINNED=0}; do
         # shellcheck disable=SC2086  # VAR=VALUE words
         (export ${setting//,/ }; iteration "${setting//,/ }")
     done

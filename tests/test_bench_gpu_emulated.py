@@ -34,7 +34,8 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     """`benchmarks/bench_gpu.py` end to end at a tiny box (smaller stage and
     search, K processes on the CPU path): every measurement runs, the GPU
     search finds the CPU's poses whether the kernels read the volume or its
-    cells, with rotation lanes and without the memory pool, and the summary
+    cells, with rotation lanes and without the memory pool, with the CTFs
+    evaluated on the device and the images in page-locked memory, and the summary
     with the 10^6-particle estimate prints. A GPU session is scarce; a
     benchmark that breaks there wastes it."""
     monkeypatch.setattr(bench, "QUICK", dict(
@@ -81,8 +82,11 @@ def test_gpu_benchmark_runs_through_on_the_emulator(bench, monkeypatch):
     for v in bench.SEARCH_VARIANTS:
         assert res[f"variant_{v}_same_pose"] == "2 of 2", v
     assert set(res["kernel_s_by_variant_clustered"]) == set(bench.CLUSTERED_VARIANTS)
-    for key in ("rlanes", "wide", "wide_rl", "nopool"):
+    for key in ("rlanes", "wide", "wide_rl", "nopool", "ctfparams", "pinned",
+                "ctfparams_pinned"):  # fmt: skip
         assert res[f"{key}_same_pose"] == "2 of 2", key
+    assert res["processes_ctf"] in ("values", "parameters")
+    assert res["processes_pinned"] in (True, False)
     assert res["processes2_same_pose"] == "4 of 4"  # each process all 2
     assert res["gather_max_rel_diff"] <= 1e-5
     results = {"boxes": [dict(res, box=256)]}

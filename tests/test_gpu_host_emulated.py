@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +353,7 @@ def fake_pycuda(monkeypatch, emulator_dir):
     drv.mem_get_info = lambda: (2**24, 2**25)  # 16 MiB free: forces several batches
     drv.memset_d8 = _memset_d8
     drv.mem_alloc = _mem_alloc
+    drv.pagelocked_empty = lambda shape, dtype: np.empty(shape, dtype)
     _ALLOCATED.clear()
     ga = types.ModuleType("pycuda.gpuarray")
     ga.to_gpu, ga.empty, ga.GPUArray = _to_gpu, _empty, FakeGPUArray
@@ -367,8 +369,13 @@ def fake_pycuda(monkeypatch, emulator_dir):
     monkeypatch.setattr(
         backend, "_state", {"context": None, "gpu": None, "modules": {}}
     )
-    from localrefine_plugin.kernels import cuda_projector, cuda_scoring
+    from localrefine_plugin.kernels import (
+        cuda_projector,
+        cuda_scoring,
+        host_staging,
+    )
 
+    monkeypatch.setattr(host_staging, "_cache", {})
     monkeypatch.setattr(cuda_projector, "_volumes", {})
     monkeypatch.setattr(cuda_projector, "_cells", {})
     monkeypatch.setattr(cuda_projector, "_pixels", {})
@@ -592,16 +599,19 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
     batch from the search's device copies (no host insertion), and the maps
     equal a separate reconstruction pass at the poses it returned (host
     CTFs). By default the CTFs are evaluated on the device from their
-    parameters and no CTF is computed on the host; `$LOCALREFINE_GPU_CTF=host`
-    computes and uploads them."""
+    parameters and no CTF is computed on the host, and the next batches'
+    transforms are written into page-locked buffers; `$LOCALREFINE_GPU_CTF=host`
+    computes and uploads them (here with `$LOCALREFINE_GPU_PINNED=0`)."""
     from localrefine_plugin.engine import ctf as ctf_mod
     from localrefine_plugin.engine import mrc_io, reconstruct, refine_steps
     from localrefine_plugin.engine.geometry import matrix_to_euler
     from localrefine_plugin.engine.particles import read_particles
     from localrefine_plugin.engine.refine_options import RefineOptions
+    from localrefine_plugin.kernels import host_staging
     from localrefine_plugin.kernels.cuda_backprojector import CudaBackProjector
     from localrefine_plugin.kernels.cuda_ctf import CTF_ENV
     from localrefine_plugin.kernels.cuda_scoring import get_power_fn, get_score_fn
+    from localrefine_plugin.kernels.host_staging import PINNED_ENV
 
     from .test_refine import BOX, make_dataset
 
@@ -631,6 +641,7 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
         return real_ctf_2d(params, *args, **kw)
 
     monkeypatch.setattr(reconstruct, "ctf_2d", counting_ctf_2d)
+    monkeypatch.setenv(PINNED_ENV, "1" if ctf_at == "device" else "0")
     accumulators = reconstruct.half_set_accumulators(
         particles.box, backprojector=CudaBackProjector
     )
@@ -653,6 +664,16 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
     on_device = "ctf.cu" in fake_pycuda["modules"]
     assert on_device == (ctf_at == "device")
     assert sum(host_ctfs) == (0 if on_device else particles.n)
+    # the transforms were written into the page-locked buffers (every batch
+    # of both halves; $LOCALREFINE_GPU_PINNED=0 in the other run: none)
+    staging = host_staging._cache.get("staging")
+    halves = np.asarray(particles.random_subset)
+    n_batches = sum(-(-int(np.sum(halves == h)) // options.batch_size) for h in (1, 2))
+    if ctf_at == "device":
+        assert n_batches >= 3
+        assert staging.lent == n_batches and staging.fallbacks == 0
+    else:
+        assert staging is None
     fused = refine_steps.reconstruct_and_compare(
         accumulators, mask, pixel_size_a=particles.pixel_size_a, options=options
     )
@@ -751,6 +772,42 @@ def test_bound_batch_with_ctf_parameters_scores_and_inserts_as_with_values(
         accumulators.append((bp.data, bp.weight))
     for got_acc, want_acc in zip(accumulators[1], accumulators[0], strict=True):
         assert np.abs(got_acc - want_acc).max() <= 1e-5 * np.abs(want_acc).max()
+
+
+def test_page_locked_buffers_are_lent_until_every_view_is_gone(
+    fake_pycuda, monkeypatch
+):
+    """`HostStaging.lend`: arrays in the buffers while one is free and the
+    array fits, ordinary memory otherwise; a buffer comes back only when the
+    loan and every view of it are gone (a slice outliving its array keeps
+    it); loans from other threads; `$LOCALREFINE_GPU_PINNED=0` and batches
+    over the limit give no buffers."""
+    from localrefine_plugin.kernels import host_staging as hs
+
+    staging = hs.host_staging(1000, count=2)
+    assert hs.host_staging(800, count=2) is staging  # kept for the process
+    a = staging.lend((10, 12), np.complex64)  # 960 bytes
+    assert a.shape == (10, 12) and a.dtype == np.complex64 and a.flags.c_contiguous
+    b = staging.lend((5,), np.float64)
+    c = staging.lend((3,), np.float64)  # none free: ordinary memory
+    big = staging.lend((200,), np.float64)  # 1600 bytes: does not fit
+    assert (staging.lent, staging.fallbacks, staging.free) == (2, 2, 0)
+    a[...] = 1 + 2j
+    part = a[3:5].reshape(-1)  # a view that outlives its array
+    del a, b, c, big
+    assert staging.free == 1  # b's buffer; a's is held by the view
+    assert np.all(part == 1 + 2j)
+    del part
+    assert staging.free == 2
+    with ThreadPoolExecutor(2) as pool:  # lent from threads without the context
+        loans = list(pool.map(lambda _: staging.lend((4,), np.float32), range(2)))
+    assert staging.free == 0 and all(x.shape == (4,) for x in loans)
+    del loans
+    assert staging.free == 2
+    assert hs.host_staging(2000, count=2) is not staging  # grown
+    assert hs.host_staging(hs.MAX_PINNED_BYTES, count=3) is None
+    monkeypatch.setenv(hs.PINNED_ENV, "0")
+    assert hs.host_staging(1000) is None
 
 
 def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):

@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 
 
 def read_batch(
-    particles, idx: np.ndarray, *, workers: int = 1, ctf: bool = True
+    particles,
+    idx: np.ndarray,
+    *,
+    workers: int = 1,
+    ctf: bool = True,
+    allocate: Callable[[tuple, np.dtype], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Transforms and CTFs of particles ``idx``, as every pass over the images needs them.
 
@@ -53,7 +58,9 @@ def read_batch(
     and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none; None
     with ``ctf=False``). ``workers`` > 1 splits the transforms and CTFs over
     that many threads (SciPy's FFTs and NumPy release the GIL); the values do
-    not depend on it.
+    not depend on it. ``allocate(shape, dtype)``, if given, provides the
+    array ``images_f`` is written into (e.g. page-locked host memory for the
+    GPU's upload: ``kernels/host_staging.py``).
     """
     idx = np.asarray(idx)
     images = particles.load_images(idx)
@@ -67,11 +74,23 @@ def read_batch(
 
     parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
     if len(parts) == 1:
-        return one(slice(None))
-    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-        done = list(pool.map(one, parts))
-    images_f = np.concatenate([f for f, _ in done])
-    return images_f, np.concatenate([c for _, c in done]) if ctf else None
+        done = [one(slice(None))]
+    else:
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            done = list(pool.map(one, parts))
+    transforms = [f for f, _ in done]
+    if allocate is not None:
+        images_f = allocate((idx.size,) + transforms[0].shape[1:], transforms[0].dtype)
+        np.concatenate(transforms, out=images_f)
+    elif len(transforms) == 1:
+        images_f = transforms[0]
+    else:
+        images_f = np.concatenate(transforms)
+    if not ctf:
+        return images_f, None
+    return images_f, done[0][1] if len(done) == 1 else np.concatenate(
+        [c for _, c in done]
+    )
 
 
 def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:

@@ -239,15 +239,23 @@ def align_particles(
     # a search that evaluates CTFs where it scores (the GPU's) gets their
     # parameters: no host CTFs, and none uploaded
     lazy_ctf = has_ctf and getattr(score_fn, "evaluates_ctf", False)
+    # the GPU's page-locked buffers for the transforms of the next batches,
+    # made here in the context's thread and filled by the preparing threads
+    staging = getattr(score_fn, "upload_buffers", None)
+    allocate = None
+    if staging is not None and threads == 1:
+        n = particles.box
+        allocate = staging(options.batch_size * n * (n // 2 + 1) * 8)  # complex64
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
         out.seconds_setup += time.monotonic() - t0
 
         def prepare(idx: np.ndarray):
+            read = dict(workers=prep_workers, allocate=allocate)
             if not lazy_ctf:
-                return idx, *read_batch(particles, idx, workers=prep_workers)
-            images_f, _ = read_batch(particles, idx, workers=prep_workers, ctf=False)
+                return idx, *read_batch(particles, idx, **read)
+            images_f, _ = read_batch(particles, idx, ctf=False, **read)
             ctf = CtfBatch(
                 ctf_subset(particles.ctf, idx, particles.n),
                 particles.box,

@@ -43,6 +43,7 @@ from .cuda_scoring import (
     launch_score_tiles,
     variant_for,
 )
+from .host_staging import host_staging
 
 __all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
 
@@ -63,6 +64,18 @@ class CudaScoreFn:
         and evaluates them on the device, so callers need not compute the CTFs
         (``$LOCALREFINE_GPU_CTF=host``: False; :mod:`.cuda_ctf`)."""
         return device_ctf_enabled()
+
+    def upload_buffers(self, nbytes: int):
+        """``allocate(shape, dtype)`` for batches of up to ``nbytes`` of images, or None.
+
+        Arrays in page-locked host memory (:mod:`.host_staging`), which the
+        threads preparing the next batches may fill (no CUDA call) and which
+        ``bind_batch`` then uploads without the driver's staging copy. Call it
+        in the thread that searches (it allocates the buffers there once).
+        None with ``$LOCALREFINE_GPU_PINNED=0``.
+        """
+        staging = host_staging(nbytes)
+        return None if staging is None else staging.lend
 
     def __call__(self, *args, **kwargs):
         return _score_cuda(*args, **kwargs)
