@@ -372,6 +372,7 @@ def fake_pycuda(monkeypatch, emulator_dir):
     from localrefine_plugin.kernels import (
         cuda_projector,
         cuda_scoring,
+        cuda_search_ops,
         host_staging,
     )
 
@@ -380,6 +381,7 @@ def fake_pycuda(monkeypatch, emulator_dir):
     monkeypatch.setattr(cuda_projector, "_cells", {})
     monkeypatch.setattr(cuda_projector, "_pixels", {})
     monkeypatch.setattr(cuda_scoring, "_pixel_cache", {})
+    monkeypatch.setattr(cuda_search_ops, "_sorted_cache", {})
     return backend._state
 
 
@@ -760,6 +762,7 @@ def test_bound_batch_with_ctf_parameters_scores_and_inserts_as_with_values(
     with_values = fn.bind_batch(proj, x, ctf, inv_s2, r_max_px=9.0)
     with_params = fn.bind_batch(proj, x, batch, inv_s2, r_max_px=9.0)
     assert "ctf.cu" in fake_pycuda["modules"]
+    assert with_params.kx_g is with_values.kx_g  # pixel tables made once per (n, r)
     want = with_values.score(rots, shifts, r_max_px=9.0, rotation_shifts_px=None)
     got = with_params.score(rots, shifts, r_max_px=9.0, rotation_shifts_px=None)
     want, got = want.values(zeros_r, zeros_s), got.values(zeros_r, zeros_s)
