@@ -5,7 +5,9 @@
 # Usage (repository root, on a machine with an NVIDIA GPU, nvcc, Python 3 with
 # numpy, and no package registry):
 #     bash benchmarks/gpu_check.sh OUTDIR [STEP ...]
-# STEPs (default all, in this order): tests bench refine iteration ncu.
+# STEPs (default all, in this order): tests bench refine iteration ncu mps (mps
+# runs only where time is left, so after a full run it needs a run of its own:
+# `bash benchmarks/gpu_check.sh OUT mps`, about 26 s of build and 2 minutes).
 # Knobs: LR_BENCH_BOXES (bench_gpu's boxes, default "128 256"); LR_ITER_PARTICLES
 # (bench_iteration's particles at box 256, default 3000); LR_ITER_THREADS (its
 # --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
@@ -16,7 +18,10 @@
 # uploaded from pageable memory, as before the ninth session; "" for none);
 # LR_NCU_VARIANTS (kernels profiled by ncu, default "s64 s64_rl s64_wide_rl", 64
 # particles at box 256); LR_NCU_SEARCH (particles of the one-batch GPU search whose
-# every kernel ncu times, default 256; 0 for none).
+# every kernel ncu times, default 256; 0 for none); LR_MPS_PROCESSES (the K of
+# the mps step, default "1 2 4 8": benchmarks/bench_processes.py at box 256, each
+# process all 256 particles, time-sliced and then under an MPS control daemon
+# started with its own pipe and log folders, results appended to bench_gpu.txt).
 #
 # Needs in .device/ (git-ignored; fill it where pip works, see docs/gpu.md):
 #     pycuda-*.tar.gz (sdist) and the wheels of pytools, platformdirs,
@@ -34,7 +39,7 @@ set -u -o pipefail
 
 OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [STEP ...]}
 shift
-STEPS=" ${*:-tests bench refine iteration ncu} "
+STEPS=" ${*:-tests bench refine iteration ncu mps} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -239,6 +244,40 @@ elif [ -n "$NCU" ] && [ $left -gt 45 ]; then
     fi
 else
     stamp "no ncu profile (ncu: ${NCU:-not found}; $left s left)"
+fi
+# -- 8. K processes on one GPU, without and under MPS (where the control daemon
+#       exists and time is left; its results are appended to bench_gpu.txt)
+MPS=$(command -v nvidia-cuda-mps-control || true)
+left=$((585 - ($(date +%s) - T0)))
+if ! want mps; then
+    :
+elif [ -z "$MPS" ]; then
+    stamp "no MPS measurement (nvidia-cuda-mps-control not found)"
+elif [ $left -le 90 ]; then
+    stamp "no time left for the MPS measurement ($left s)"
+else
+    half=$(((left - 20) / 2))
+    stamp "K processes without MPS (timeout $half s): bench_gpu.txt"
+    timeout $half $PY benchmarks/bench_processes.py --box 256 \
+        --processes ${LR_MPS_PROCESSES:-1 2 4 8} --label "time-sliced (no MPS)" \
+        | tee -a "$OUTDIR/bench_gpu.txt"
+    # a control daemon of this script's own: its pipe and log folders under
+    # $WORK; the GPU's settings (compute mode) stay as they are
+    export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps_pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps_log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if "$MPS" -d; then
+        stamp "K processes under MPS (timeout $half s): bench_gpu.txt"
+        timeout $half $PY benchmarks/bench_processes.py --box 256 \
+            --processes ${LR_MPS_PROCESSES:-1 2 4 8} --label "MPS (own control daemon)" \
+            | tee -a "$OUTDIR/bench_gpu.txt"
+        stamp "bench_processes exit $?"
+        echo quit | "$MPS"
+        sleep 2
+        tail -3 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
+    else
+        stamp "the MPS control daemon did not start"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
 stamp "gpu_check done, status $status"
 sleep 1  # let tee finish the log

@@ -64,3 +64,20 @@ def test_a_failing_process_fails_the_measurement(bench):
         bench.search_in_processes(
             2, "cpu", n, r_max, data, kw, batch_size=2, repeat=1, timeout_s=120
         )
+
+
+def test_processes_script_measures_each_k_with_the_same_poses(benchmark_module):
+    """`benchmarks/bench_processes.py` (run under MPS on a GPU by
+    gpu_check.sh): a rate for each K, every process finding the first K's
+    poses, and the JSON written; here on the CPU path with a small search."""
+    script = benchmark_module("bench_processes")
+    lines: list[str] = []
+    res = script.measure(
+        24, [1, 2], particles=3, batch=2, device="cpu", log=lines.append,
+        search_kw=dict(rotation_extent_deg=3.0, shift_extent_px=1.0,
+                       alignment_resolution_deg=1.5),
+    )  # fmt: skip
+    assert set(res["rates"]) == {1, 2} and not res["errors"]
+    assert all(np.isfinite(r) and r > 0 for r in res["rates"].values())
+    assert res["same_pose"] == {1: "3 of 3", 2: "3 of 3"}
+    assert len(lines) == 2 and "1 process(es)" in lines[1]
