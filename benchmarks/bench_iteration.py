@@ -82,7 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--distinct", type=int, default=100, help="distinct clean images"
     )
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="as the refine command's (0: automatic)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

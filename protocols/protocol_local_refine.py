@@ -261,9 +261,13 @@ class ProtLocalRefine(ParticlesVolumeMaskInputs, ProtRefine3D):
         form.addParam(
             "batchSize",
             params.IntParam,
-            default=128,
+            default=0,
             expertLevel=params.LEVEL_ADVANCED,
             label="Particles per batch",
+            help="Particles read and searched at once (--batch-size); 0 = "
+            "automatic: 128 on the CPU, on the GPU 512 up to box 256, 256 up to "
+            "box 384, else 128 (the GPU searches each batch at once, and larger "
+            "batches run faster there).",
         )
         form.addParam(
             "noiseParticles",

@@ -476,6 +476,7 @@ def test_reference_pixel_size_mismatch_names_the_particles(small_data, tmp_path)
         ("dynamic_mask_far_a", 2.0, "must exceed"),
         ("marginalize_top_k", 0, ">= 1"),
         ("noise_particles", -1, ">= 0"),
+        ("batch_size", -1, ">= 0"),
     ],
 )
 def test_bad_options_name_the_field_before_work(
@@ -492,6 +493,22 @@ def test_bad_options_name_the_field_before_work(
         )
     assert field in str(exc.value) and words in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_automatic_batch_size_by_device_and_box():
+    """`--batch-size 0`: 128 on the CPU; on the GPU the largest of 512, 256, 128
+    whose complex64 transforms fit in 160 MB; a given size always wins."""
+    auto = RefineOptions()
+    assert auto.batch_size == 0
+    assert (
+        auto.batch_size_for(64, gpu=False) == auto.batch_size_for(512, gpu=False) == 128
+    )
+    sizes = {n: auto.batch_size_for(n, gpu=True) for n in (64, 256, 320, 384, 400, 512)}
+    assert sizes == {64: 512, 256: 512, 320: 256, 384: 256, 400: 128, 512: 128}
+    for n, b in sizes.items():  # the largest that fits
+        assert b * 8 * n * (n // 2 + 1) <= 160e6 or b == 128
+        assert b == 512 or 2 * b * 8 * n * (n // 2 + 1) > 160e6
+    assert RefineOptions(batch_size=96).batch_size_for(256, gpu=True) == 96
 
 
 def test_cuda_without_gpu_is_a_clear_error(small_data, tmp_path):

@@ -220,7 +220,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_DEFAULTS.batch_size,
         metavar="N",
-        help="particles searched at once (default: %(default)s)",
+        help="particles read and searched at once; 0 = automatic: 128 on the CPU, "
+        "on the GPU 512 up to box 256, 256 up to box 384, else 128 "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "--noise-particles",

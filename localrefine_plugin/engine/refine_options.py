@@ -54,7 +54,9 @@ class RefineOptions:
         1 = point estimate (best pose, the default); K > 1 = each particle is
         inserted at its K best poses with posterior weights.
     batch_size : int
-        Particles searched at once (memory versus speed).
+        Particles read and searched at once (memory versus speed); 0 (the
+        default) = automatic (:func:`auto_batch_size`: 128 on the CPU, up to
+        512 on the GPU).
     noise_particles : int
         Most particles per optics group whose residuals estimate the noise
         power sigma^2 in each iteration (a seeded draw, the same in every
@@ -87,11 +89,15 @@ class RefineOptions:
     dynamic_mask_near_a: float = 6.0
     dynamic_mask_far_a: float = 14.0
     marginalize_top_k: int = 1
-    batch_size: int = 128
+    batch_size: int = 0
     noise_particles: int = 20000
     threads: int = 1
     fsc_threshold: float = 0.143
     seed: int = 0
+
+    def batch_size_for(self, box: int, *, gpu: bool) -> int:
+        """Particles per batch: ``batch_size``, or :func:`auto_batch_size` when 0."""
+        return int(self.batch_size) or auto_batch_size(box, gpu=gpu)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (the fulcrum tuple becomes a list)."""
@@ -189,7 +195,7 @@ class RefineOptions:
             )
         for name, low in (
             ("marginalize_top_k", 1),
-            ("batch_size", 1),
+            ("batch_size", 0),
             ("noise_particles", 0),
             ("threads", 1),
         ):
@@ -202,6 +208,30 @@ class RefineOptions:
         if not 0 < fsc < 1:
             raise bad("fsc_threshold", f"{fsc} is not in (0, 1)", "use 0.143")
         parse_fulcrum(self.fulcrum)
+
+
+#: bytes of one batch's transforms (complex64) that the automatic GPU batch
+#: may take: three such batches stay in page-locked host memory while the
+#: next one is prepared (``kernels/host_staging.py``)
+GPU_BATCH_BYTES = 160e6
+
+
+def auto_batch_size(box: int, *, gpu: bool) -> int:
+    """``--batch-size 0``: particles per batch at box ``box`` (pixels).
+
+    128 on the CPU (which searches 8 at a time within a batch anyway). On the
+    GPU, which searches each batch at once, the largest of 512, 256 and 128
+    whose transforms (``N (N/2+1)`` complex64 each) take at most
+    :data:`GPU_BATCH_BYTES`: 512 up to box 256, 256 up to box 384, else 128.
+    The GPU's per-batch costs (launches, synchronisations, host bookkeeping)
+    do not grow with the batch: on an H200 (2026-11-28, ``bench_gpu.py``) one
+    batch of 512 searched 1.36-1.48 times as fast as batches of 128 at box
+    128, and one of 256 1.22-1.27 times at box 256.
+    """
+    if not gpu:
+        return 128
+    per_particle = 8 * box * (box // 2 + 1)
+    return next((b for b in (512, 256) if b * per_particle <= GPU_BATCH_BYTES), 128)
 
 
 def parse_fulcrum(value) -> str | tuple[float, float, float]:

@@ -217,8 +217,13 @@ def align_particles(
         out.top_origins_px = np.zeros((n, k, 2))
         out.top_weights = np.zeros((n, k))
     subsets = np.asarray(particles.random_subset)
+    batch = options.batch_size_for(particles.box, gpu=hasattr(score_fn, "bind_batch"))
+    if not options.batch_size:
+        log.info(
+            "%s: batches of %d particles (--batch-size 0: automatic)", label, batch
+        )
     shares = {
-        half: comm.share(_batches(np.flatnonzero(subsets == half), options.batch_size))
+        half: comm.share(_batches(np.flatnonzero(subsets == half), batch))
         for half in (1, 2)
     }
     progress = Progress(sum(b.size for h in (1, 2) for b in shares[h]), label, log)
@@ -245,7 +250,7 @@ def align_particles(
     allocate = None
     if staging is not None and threads == 1:
         n = particles.box
-        allocate = staging(options.batch_size * n * (n // 2 + 1) * 8)  # complex64
+        allocate = staging(batch * n * (n // 2 + 1) * 8)  # complex64
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2, r_max_px=r_max_px)
@@ -439,6 +444,9 @@ def estimate_noise(
             particles.n,
             options.noise_particles,
         )
+    batch = options.batch_size_for(
+        box, gpu=backend is not None and backend.name == "cuda"
+    )
     setup = 0.0
     for half in (1, 2):
         t0 = time.monotonic()
@@ -447,7 +455,7 @@ def estimate_noise(
             projector = backend.projector(projector)
         setup += time.monotonic() - t0
         for idx in comm.share(
-            _batches(np.flatnonzero((subsets == half) & chosen), options.batch_size)
+            _batches(np.flatnonzero((subsets == half) & chosen), batch)
         ):
             images_f, ctf = read_batch(particles, idx, workers=options.threads)
             pred = forward_model(
