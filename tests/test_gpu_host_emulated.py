@@ -778,13 +778,13 @@ def test_bound_batch_with_ctf_parameters_scores_and_inserts_as_with_values(
 
 
 def test_page_locked_buffers_are_lent_until_every_view_is_gone(
-    fake_pycuda, monkeypatch
+    fake_pycuda, monkeypatch, caplog
 ):
     """`HostStaging.lend`: arrays in the buffers while one is free and the
     array fits, ordinary memory otherwise; a buffer comes back only when the
     loan and every view of it are gone (a slice outliving its array keeps
-    it); loans from other threads; `$LOCALREFINE_GPU_PINNED=0` and batches
-    over the limit give no buffers."""
+    it); loans from other threads; `$LOCALREFINE_GPU_PINNED=0`, batches over
+    the limit and a failing allocation give no buffers."""
     from localrefine_plugin.kernels import host_staging as hs
 
     staging = hs.host_staging(1000, count=2)
@@ -811,6 +811,16 @@ def test_page_locked_buffers_are_lent_until_every_view_is_gone(
     assert hs.host_staging(hs.MAX_PINNED_BYTES, count=3) is None
     monkeypatch.setenv(hs.PINNED_ENV, "0")
     assert hs.host_staging(1000) is None
+    # an allocation that fails: ordinary memory, with a warning, not an error
+    monkeypatch.setenv(hs.PINNED_ENV, "1")
+
+    def no_memory(*_):
+        raise MemoryError("cuMemHostAlloc failed: out of memory")
+
+    monkeypatch.setattr(sys.modules["pycuda.driver"], "pagelocked_empty", no_memory)
+    with caplog.at_level("WARNING"):
+        assert hs.host_staging(4000, count=2) is None
+    assert "ordinary memory" in caplog.text
 
 
 def test_host_code_projection_power_like_the_engine(fake_pycuda, rng):

@@ -143,6 +143,26 @@ def test_read_batch_in_threads_gives_the_same_transforms_and_ctfs(tmp_path):
         assert got_f.dtype == images_f.dtype and got_ctf.dtype == ctf.dtype
         np.testing.assert_array_equal(got_f, images_f)
         np.testing.assert_array_equal(got_ctf, ctf)
+    # the transforms written into arrays the caller allocates (the GPU path's
+    # page-locked buffers), with one worker and with several
+    for workers in (1, 3):
+        given = []
+
+        def allocate(shape, dtype, given=given):
+            given.append(np.full(shape, np.nan, dtype))
+            return given[-1]
+
+        got_f, _ = reconstruct.read_batch(
+            particles, idx, workers=workers, allocate=allocate
+        )
+        assert len(given) == 1 and got_f is given[0]
+        np.testing.assert_array_equal(got_f, images_f)
+    # no CTF in the set: ones, one image viewed for all (stride 0)
+    particles.ctf = None
+    got_f, ones = reconstruct.read_batch(particles, idx, workers=2)
+    np.testing.assert_array_equal(got_f, images_f)
+    assert ones.shape == ctf.shape and ones.dtype == np.float32
+    assert ones.strides[0] == 0 and np.all(ones == 1)
 
 
 def test_prefetched_prepares_the_next_item_while_this_one_is_worked_on():

@@ -55,8 +55,9 @@ def read_batch(
     Returns ``(images_f, ctf)``, each (m, N, N//2+1): the images read from
     their stacks (whose streamed pages are then dropped,
     ``Particles.release_pages``) and transformed (:func:`.fourier.image_to_fourier`),
-    and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none; None
-    with ``ctf=False``). ``workers`` > 1 splits the transforms and CTFs over
+    and their CTFs (:func:`.ctf.ctf_2d`; ones when the set has none, one
+    read-only image viewed for all with stride 0, which a GPU search uploads
+    once; None with ``ctf=False``). ``workers`` > 1 splits the transforms and CTFs over
     that many threads (SciPy's FFTs and NumPy release the GIL); the values do
     not depend on it. ``allocate(shape, dtype)``, if given, provides the
     array ``images_f`` is written into (e.g. page-locked host memory for the
@@ -66,11 +67,18 @@ def read_batch(
     images = particles.load_images(idx)
     particles.release_pages()
 
+    box = particles.box
+    # without CTF parameters: one image of ones for all (a stride-0 view, so
+    # that a GPU search uploads it once)
+    ones = particles.ctf is None
+    per_part = ctf and not ones
+
     def one(rows) -> tuple[np.ndarray, np.ndarray | None]:
         return (
             image_to_fourier(images[rows]),
-            _ctf_images(particles, idx[rows]) if ctf else None,
-        )
+            ctf_2d(ctf_subset(particles.ctf, idx[rows], particles.n), box,
+                   particles.pixel_size_a) if per_part else None,
+        )  # fmt: skip
 
     parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
     if len(parts) == 1:
@@ -88,18 +96,12 @@ def read_batch(
         images_f = np.concatenate(transforms)
     if not ctf:
         return images_f, None
+    if ones:
+        shape = (idx.size, box, box // 2 + 1)
+        return images_f, np.broadcast_to(np.ones(shape[1:], np.float32), shape)
     return images_f, done[0][1] if len(done) == 1 else np.concatenate(
         [c for _, c in done]
     )
-
-
-def _ctf_images(particles, idx: np.ndarray) -> np.ndarray:
-    """CTF (m, N, N//2+1) of particles ``idx`` (ones when the set has no CTF)."""
-    box = particles.box
-    if particles.ctf is None:
-        return np.ones((idx.size, box, box // 2 + 1), dtype=np.float32)
-    sub = ctf_subset(particles.ctf, idx, particles.n)
-    return ctf_2d(sub, box, particles.pixel_size_a)
 
 
 def half_set_accumulators(

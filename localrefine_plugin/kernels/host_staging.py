@@ -135,5 +135,14 @@ def host_staging(nbytes: int, count: int = 3) -> HostStaging | None:
                 # free the buffers while the context is still current (atexit
                 # runs in reverse order; ensure_context registered its pop first)
                 atexit.register(_cache.clear)
-            staging = _cache["staging"] = HostStaging(nbytes, count)
+            try:
+                staging = HostStaging(nbytes, count)
+            except Exception as exc:  # e.g. the host's page-locked memory exhausted
+                log.warning(
+                    "no page-locked buffers (%s): the images are uploaded from "
+                    "ordinary memory",
+                    exc,
+                )
+                return None
+            _cache["staging"] = staging
         return staging
