@@ -72,7 +72,9 @@ class CudaScoreFn:
         threads preparing the next batches may fill (no CUDA call) and which
         ``bind_batch`` then uploads without the driver's staging copy. Call it
         in the thread that searches (it allocates the buffers there once).
-        None with ``$LOCALREFINE_GPU_PINNED=0``.
+        None without buffers (:func:`.host_staging.host_staging`:
+        ``$LOCALREFINE_GPU_PINNED=0``, batches over its limit, or a failed
+        allocation).
         """
         staging = host_staging(nbytes)
         return None if staging is None else staging.lend
