@@ -70,7 +70,10 @@ from localrefine_plugin.engine.geometry import (  # noqa: E402
     geodesic_angle_deg,
 )
 from localrefine_plugin.engine.projector import FourierProjector, forward_model  # noqa: E402
-from localrefine_plugin.engine.refine_options import RefineOptions  # noqa: E402
+from localrefine_plugin.engine.refine_options import (  # noqa: E402
+    RefineOptions,
+    auto_batch_size,
+)
 from localrefine_plugin.engine.scoring import half_plane_pixels, score_poses  # noqa: E402
 from localrefine_plugin.engine.search import local_search  # noqa: E402
 from localrefine_plugin.kernels.cuda_ctf import device_ctf_enabled  # noqa: E402
@@ -110,8 +113,10 @@ def counts(n: int, quick: bool) -> dict:
     small = n <= 128
     return dict(
         score_gpu=256 if small else 96, score_cpu=2 if small else 1,
-        search_gpu=512 if small else 256, search_cpu=8 if small else 4,
+        search_gpu=512, search_cpu=8 if small else 4,
         search_batch=128, project_gpu=512, project_cpu=32, processes=(2, 4, 8),
+        # the refine command's automatic batch on the GPU (512 up to box 256)
+        processes_batch=auto_batch_size(n, gpu=True),
     )  # fmt: skip
 
 
@@ -717,7 +722,8 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # -- K processes sharing the GPU, as `mpirun -np K` ranks on one GPU ----------------
     # (each with its own CUDA context; the host work of one overlaps the
     # kernels of the others); each process searches all the particles above
-    # in batches of 128, as each rank of a large data set does whatever K
+    # in the refine command's automatic GPU batches (512 up to box 256), as
+    # each rank of a large data set does whatever K
     # the CTFs and images as the fastest of the four ways (the refine command
     # evaluates the CTFs on the GPU unless $LOCALREFINE_GPU_CTF=host, and
     # stages the images in page-locked memory unless $LOCALREFINE_GPU_PINNED=0)
@@ -748,10 +754,12 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     res["processes_sampler"], res["processes_lanes"] = sampler, lanes
     res["processes_wide"] = wide
     set_knobs(sampler=sampler, lanes=lanes, wide=wide)  # the processes inherit them
+    p_batch = count.get("processes_batch", batch)
+    res["processes_batch"] = p_batch
     for k in count["processes"]:
         try:  # a failure here is reported, and the rest of the benchmark still runs
             rate, rot_k, org_k = search_in_processes(
-                k, "cuda", n, r_max, data, kw_p, batch_size=batch, timeout_s=120.0,
+                k, "cuda", n, r_max, data, kw_p, batch_size=p_batch, timeout_s=120.0,
                 whole=True, pinned=pinned,
             )  # fmt: skip
         except RuntimeError as exc:
@@ -767,7 +775,7 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         )
         log(
             f"  local search, {k} processes sharing the GPU (each all {m_s_gpu} "
-            f"particles in batches of 128, reading the {sampler}, lanes -> {lanes}, "
+            f"particles in batches of {p_batch}, reading the {sampler}, lanes -> {lanes}, "
             f"wide {wide}, CTF {ctf_way}, images {'page-locked' if pinned else 'pageable'}): "
             f"{rate:.4g} particles/s ({rate / cpu_rate:.0f}x the CPU); same pose as "
             f"one process for {res[f'processes{k}_same_pose']} particles"
