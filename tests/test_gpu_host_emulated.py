@@ -426,6 +426,7 @@ def test_every_kernel_is_found_by_the_emulator():
         "power_weighted_sums",
         "candidate_rotations",
         "ctf_half_plane",
+        "grid_best",
     }
     assert names == expected
 
@@ -1013,6 +1014,31 @@ def test_grid_reductions_equal_the_host_grid(fake_pycuda, rng):
     ):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(gpu.values(add_r, add_s), host.values(add_r, add_s))
+    # `grid_best` (128 threads per particle, each scanning every 128th
+    # rotation) over more rotations than threads: ties within one thread's
+    # rotations (2, 130), across threads (5, 200), a particle whose every pose
+    # is padding (all inf: the first), and each particle's own minimum
+    m, n_rot, n_shift = 4, 300, 3
+    e = rng.normal(0, 100, (m, n_rot, n_shift)).astype(np.float32)
+    e[0, 130, 1] = e[0, 2, 1] = e[0].min() - 1000
+    e[1, 200, 0] = e[1, 5, 2] = e[1].min() - 1000
+    add_r = np.zeros((m, n_rot))
+    add_s = np.zeros((m, n_shift))
+    add_r[2] = np.inf
+    chunks = [
+        (0, 3, to_device(e[:3], np.float32)),
+        (3, 4, to_device(e[3:], np.float32)),
+    ]
+    gpu, host = CudaGrid(chunks, m, n_rot, n_shift), HostGrid(e.astype(np.float64))
+    got, want = gpu.best(add_r, add_s), host.best(add_r, add_s)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert [(int(got[0][i]), int(got[1][i])) for i in range(3)] == [
+        (2, 1),
+        (5, 2),
+        (0, 0),
+    ]
+    assert got[2][2] == np.inf
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -48,6 +48,7 @@ from .host_staging import host_staging
 __all__ = ["CudaScoreFn", "CudaBatchOps", "CudaGrid"]
 
 _REDUCE_BLOCK = 64  # threads per block of the grid reductions
+_BEST_THREADS = 128  # BEST_THREADS of grid_reduce.cu
 _POWER_SUM_THREADS = 128  # POWER_SUM_THREADS of search_prep.cu
 
 
@@ -101,15 +102,15 @@ class CudaGrid:
         module = load_kernels("grid_reduce.cu")
         self._over_shifts = module.get_function("grid_min_over_shifts")
         self._over_rotations = module.get_function("grid_min_over_rotations")
+        self._best = module.get_function("grid_best")
 
-    def _run(self, add_r, add_s, *, rotations: bool):
-
+    def _reduced(self, add_r, add_s):
+        """Per chunk ``(start, stop, e_g, a_g, b_g, min_g, arg_g)``: the addends
+        uploaded and the minima over the shifts (b, J) with their first
+        arg-minima, on the device (kernel ``grid_min_over_shifts``)."""
         add_r = np.asarray(add_r, dtype=np.float64)
         add_s = np.asarray(add_s, dtype=np.float64)
         j_n, s_n = self.n_rot, self.n_shift
-        mins_j = np.empty((self.m, j_n))
-        args_j = np.empty((self.m, j_n), dtype=np.int64)
-        mins_s = np.empty((self.m, s_n)) if rotations else None
         for start, stop, e_g in self.chunks:
             b = stop - start
             a_g = to_device(add_r[start:stop], np.float64)
@@ -120,27 +121,43 @@ class CudaGrid:
                 e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), min_g, arg_g,
                 block=(_REDUCE_BLOCK, 1, 1), grid=(-(-j_n // _REDUCE_BLOCK), b),
             )  # fmt: skip
-            mins_j[start:stop] = min_g.get()
-            args_j[start:stop] = arg_g.get()
-            if rotations:
-                out_g = empty((b, s_n), np.float64)
-                self._over_rotations(
-                    e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), out_g,
-                    block=(_REDUCE_BLOCK, 1, 1), grid=(-(-s_n // _REDUCE_BLOCK), b),
-                )  # fmt: skip
-                mins_s[start:stop] = out_g.get()
-        return mins_j, args_j, mins_s
+            yield start, stop, e_g, a_g, b_g, min_g, arg_g
 
     def best(self, add_r, add_s):
-        """Per particle ``(j, s, value)`` of the first minimum (search_ops protocol)."""
-        mins_j, args_j, _ = self._run(add_r, add_s, rotations=False)
-        j = np.argmin(mins_j, axis=1)
-        rows = np.arange(self.m)
-        return j, args_j[rows, j], mins_j[rows, j]
+        """Per particle ``(j, s, value)`` of the first minimum (search_ops protocol).
+
+        Reduced on the device (kernel ``grid_best`` over the minima over the
+        shifts): only three numbers per particle come back.
+        """
+        j = np.empty(self.m, dtype=np.int64)
+        s = np.empty(self.m, dtype=np.int64)
+        value = np.empty(self.m)
+        for start, stop, _, _, _, min_g, arg_g in self._reduced(add_r, add_s):
+            b = stop - start
+            j_g, s_g = empty(b, np.int32), empty(b, np.int32)
+            v_g = empty(b, np.float64)
+            self._best(
+                min_g, arg_g, np.int32(b), np.int32(self.n_rot), j_g, s_g, v_g,
+                block=(_BEST_THREADS, 1, 1), grid=(b, 1),
+            )  # fmt: skip
+            j[start:stop], s[start:stop] = j_g.get(), s_g.get()
+            value[start:stop] = v_g.get()
+        return j, s, value
 
     def minima(self, add_r, add_s):
         """Minima over the shifts (m, J) and over the rotations (m, S)."""
-        mins_j, _, mins_s = self._run(add_r, add_s, rotations=True)
+        j_n, s_n = self.n_rot, self.n_shift
+        mins_j = np.empty((self.m, j_n))
+        mins_s = np.empty((self.m, s_n))
+        for start, stop, e_g, a_g, b_g, min_g, _ in self._reduced(add_r, add_s):
+            b = stop - start
+            out_g = empty((b, s_n), np.float64)
+            self._over_rotations(
+                e_g, a_g, b_g, np.int32(b), np.int32(j_n), np.int32(s_n), out_g,
+                block=(_REDUCE_BLOCK, 1, 1), grid=(-(-s_n // _REDUCE_BLOCK), b),
+            )  # fmt: skip
+            mins_j[start:stop] = min_g.get()
+            mins_s[start:stop] = out_g.get()
         return mins_j, mins_s
 
     def values(self, add_r, add_s):

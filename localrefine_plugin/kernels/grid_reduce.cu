@@ -57,3 +57,50 @@ extern "C" __global__ void grid_min_over_rotations(const float* __restrict__ e,
     }
     out_min[(size_t)i * S + s] = best;
 }
+
+// Per particle: the first minimum of min_j over j (min_j, arg_j: the (m, J)
+// outputs of grid_min_over_shifts), i.e. the first minimum of the whole grid
+// in (rotation, shift) row-major order, as numpy.argmin of the flattened
+// grid. grid: (m); block: (BEST_THREADS); only (j, s, value) per particle
+// leave the device. Each thread scans j = t, t + BEST_THREADS, ... with a
+// strict "<" (the first of its minima); pairs then combine by value, ties by
+// the lower j.
+#define BEST_THREADS 128
+extern "C" __global__ void grid_best(const double* __restrict__ min_j,
+                                     const int* __restrict__ arg_j, int m, int J,
+                                     int* __restrict__ out_j, int* __restrict__ out_s,
+                                     double* __restrict__ out_value) {
+    const int i = blockIdx.x;
+    if (i >= m || J < 1) return;
+    __shared__ double s_value[BEST_THREADS];
+    __shared__ int s_j[BEST_THREADS];
+    const double* row = min_j + (size_t)i * J;
+    double best = INFINITY;
+    int best_j = J;  // no element: loses every comparison, ties included
+    for (int j = threadIdx.x; j < J; j += BEST_THREADS) {
+        if (row[j] < best || best_j == J) {
+            best = row[j];
+            best_j = j;
+        }
+    }
+    s_value[threadIdx.x] = best;
+    s_j[threadIdx.x] = best_j;
+    __syncthreads();
+    for (int half = BEST_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) {
+            const double v = s_value[threadIdx.x + half];
+            const int j = s_j[threadIdx.x + half];
+            if (v < s_value[threadIdx.x] || (v == s_value[threadIdx.x] && j < s_j[threadIdx.x])) {
+                s_value[threadIdx.x] = v;
+                s_j[threadIdx.x] = j;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        const int j = s_j[0];
+        out_j[i] = j;
+        out_s[i] = arg_j[(size_t)i * J + j];
+        out_value[i] = s_value[0];
+    }
+}
