@@ -44,7 +44,7 @@ def measure(
     ``search_kw``: extra ``local_search`` arguments (smaller searches in the
     tests). Returns ``{"box", "particles", "rates": {K: particles/s},
     "same_pose": {K: "a of b"}, "errors": {K: message}}``; the poses of every
-    K are compared with those of the first K measured.
+    process of every K are compared with those of the first process measured.
     """
     r_max = round(0.4 * box)
     proj = FourierProjector(bench_gpu.blob_volume(box), r_max_px=r_max + 1)
@@ -64,17 +64,19 @@ def measure(
             out["errors"][k] = str(exc)
             log(f"box {box}, {k} processes: FAILED: {exc}")
             continue
-        rot, org = rot[:particles], org[:particles]  # the first process's poses
-        if first is None:
-            first = (rot, org)
+        if first is None:  # the first process's poses
+            first = (rot[:particles], org[:particles])
         out["rates"][k] = rate
-        out["same_pose"][k] = bench_gpu.same_poses(rot, org, *first)
+        # every process's poses (in rank order) against the first's
+        out["same_pose"][k] = bench_gpu.same_poses(
+            rot, org, np.tile(first[0], (k, 1, 1)), np.tile(first[1], (k, 1))
+        )
         base = out["rates"].get(processes[0])
         ratio = f", {rate / base:.2f}x {processes[0]} process(es)" if base else ""
         log(
             f"box {box}, {k} processes (each all {particles} particles in batches "
             f"of {batch}): {rate:.4g} particles/s{ratio}; same pose as the first "
-            f"measured for {out['same_pose'][k]}"
+            f"process measured for {out['same_pose'][k]}"
         )
     return out
 

@@ -79,5 +79,5 @@ def test_processes_script_measures_each_k_with_the_same_poses(benchmark_module):
     )  # fmt: skip
     assert set(res["rates"]) == {1, 2} and not res["errors"]
     assert all(np.isfinite(r) and r > 0 for r in res["rates"].values())
-    assert res["same_pose"] == {1: "3 of 3", 2: "3 of 3"}
+    assert res["same_pose"] == {1: "3 of 3", 2: "6 of 6"}  # every process's
     assert len(lines) == 2 and "1 process(es)" in lines[1]
