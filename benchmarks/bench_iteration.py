@@ -145,9 +145,10 @@ def main(argv=None) -> int:
     record = summary["per_iteration"][0]
     n = args.n_particles
     est = estimate(record, n, options.noise_particles)
+    batch = summary["batch_size"]
     print(
         f"\none iteration over {n} particles, box {args.box}, device {args.device}, "
-        f"{args.threads} thread(s) "
+        f"{args.threads} thread(s), batches of {batch} "
         f"(default search, {record['poses_evaluated_per_particle']:.0f} poses/particle, "
         f"resolution {summary['resolution_A']:.2f} A):"
     )
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     if args.json:
         figures = {
             "device": args.device, "box": args.box, "n_particles": n, "wall_s": wall,
-            "record": record, "million_particles": est,
+            "batch_size": batch, "record": record, "million_particles": est,
         }  # fmt: skip
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

@@ -1362,6 +1362,7 @@ def test_refinement_with_the_cuda_backend_equals_the_cpu_one(
     assert any(name.startswith("score_tiles") for name in launched)
     cpu, gpu = runs["cpu"], runs["cuda"]
     assert gpu.summary["device"] == "cuda" and cpu.summary["device"] == "cpu"
+    assert gpu.summary["batch_size"] == cpu.summary["batch_size"] == 4  # as given
     assert gpu.resolution_a == pytest.approx(cpu.resolution_a, rel=0.01)
     rot_c, org_c = read_poses(tmp_path / "cpu" / "particles.star")
     rot_g, org_g = read_poses(tmp_path / "cuda" / "particles.star")

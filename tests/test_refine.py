@@ -296,6 +296,9 @@ def test_outputs_are_complete_and_well_formed(exact_run):
     assert 2 * PIXEL_A <= summary["resolution_A"] < 30.0
     assert summary["resolution_A"] == pytest.approx(result.resolution_a)
     assert summary["options"]["rotation_extent_deg"] == FAST["rotation_extent_deg"]
+    # the batch size used: the options' own (0 = automatic: 128 on the CPU)
+    given = summary["options"]["batch_size"]
+    assert summary["batch_size"] == (given or 128)
     for rec in summary["per_iteration"]:
         assert {
             "resolution_A",

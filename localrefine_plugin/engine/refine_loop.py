@@ -417,6 +417,8 @@ class RefinementLoop:
             "per_iteration": history,
             "options": opt.to_dict(),
             "device": self.backend.name,
+            # particles per batch (options' 0 = automatic: by device and box)
+            "batch_size": opt.batch_size_for(inp.box, gpu=self.backend.name == "cuda"),
             "mpi_ranks": self.comm.size,
             "fulcrum_px": [float(v) for v in self.fulcrum],
             "box": inp.box,
