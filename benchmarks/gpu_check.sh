@@ -13,9 +13,10 @@
 # --threads: threads preparing the next batch, default 8); LR_ITER_VARIANTS (scoring
 # kernels to run the iteration with again, $LOCALREFINE_SCORE_VARIANT, e.g.
 # "j64_s64 j64_s64_cells"; default none); LR_ITER_SETTINGS (the iteration again
-# with each setting, comma-separated VAR=VALUE words; default rotation lanes, then
-# rotation lanes and wide tiles, then the CTFs computed on the host and the images
-# uploaded from pageable memory, as before the ninth session; "" for none);
+# with each setting, comma-separated VAR=VALUE words to export and --option=value
+# words for bench_iteration.py; default rotation lanes, then rotation lanes and
+# wide tiles, then the eighth session's way: CTFs computed on the host, images
+# uploaded from pageable memory, batches of 128; "" for none);
 # LR_NCU_VARIANTS (kernels profiled by ncu, default "s64 s64_rl s64_wide_rl", 64
 # particles at box 256); LR_NCU_SEARCH (particles of the one-batch GPU search whose
 # every kernel ncu times, default 256; 0 for none); LR_MPS_PROCESSES (the K of
@@ -205,9 +206,14 @@ if want iteration; then
     unset LOCALREFINE_SCORE_VARIANT
     for setting in ${LR_ITER_SETTINGS-LOCALREFINE_SCORE_LANES=rotations \
         LOCALREFINE_SCORE_LANES=rotations,LOCALREFINE_SCORE_WIDE=1 \
-        LOCALREFINE_GPU_CTF=host,LOCALREFINE_GPU_PINNED=0}; do
-        # shellcheck disable=SC2086  # VAR=VALUE words
-        (export ${setting//,/ }; iteration "${setting//,/ }")
+        LOCALREFINE_GPU_CTF=host,LOCALREFINE_GPU_PINNED=0,--batch-size=128}; do
+        (   # VAR=VALUE words are exported, --words go to bench_iteration.py
+            args=()
+            for word in ${setting//,/ }; do
+                case $word in --*) args+=("$word") ;; *) export "${word?}" ;; esac
+            done
+            iteration "${setting//,/ }" ${args[@]+"${args[@]}"}
+        )
     done
     if [ -f "$WORK/iteration_profile.txt" ]; then
         { echo "=== cProfile of the default run (main thread)"; cat "$WORK/iteration_profile.txt"; } >> "$ITER"
