@@ -271,13 +271,13 @@ else
     # $WORK; the GPU's settings (compute mode) stay as they are
     export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps_pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    if "$MPS" -d; then
+    if timeout 20 "$MPS" -d; then
         stamp "K processes under MPS (timeout $half s): bench_gpu.txt"
         timeout $half $PY benchmarks/bench_processes.py --box 256 \
             --processes ${LR_MPS_PROCESSES:-1 2 4 8} --label "MPS (own control daemon)" \
             | tee -a "$OUTDIR/bench_gpu.txt"
         stamp "bench_processes exit $?"
-        echo quit | "$MPS"
+        echo quit | timeout 20 "$MPS" || stamp "the MPS control daemon did not quit in 20 s"
         sleep 2
         tail -3 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
     else
