@@ -212,8 +212,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.threads,
         metavar="N",
         help="CPU path: batches searched in parallel; GPU path (one batch searched "
-        "at a time): threads preparing the next batch (reading, FFTs, CTFs) "
-        "(default: %(default)s)",
+        "at a time): threads preparing the next batch (reading, FFTs; the GPU "
+        "evaluates the CTFs) (default: %(default)s)",
     )
     run.add_argument(
         "--batch-size",

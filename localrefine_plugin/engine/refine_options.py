@@ -67,8 +67,8 @@ class RefineOptions:
     threads : int
         CPU path: batches searched in parallel (Python threads; NumPy
         releases the GIL). GPU path, which searches one batch at a time:
-        threads reading, transforming and computing the CTFs of the next
-        batch meanwhile. Both: threads of the noise pass's FFTs and CTFs.
+        threads reading and transforming the next batch meanwhile (the GPU
+        evaluates its CTFs). Both: threads of the noise pass's FFTs and CTFs.
     fsc_threshold : float
         FSC value defining the resolution (gold standard: 0.143).
     seed : int

@@ -202,7 +202,7 @@ def search_threads(score_fn, threads: int) -> int:
     if threads > 1 and hasattr(score_fn, "bind_batch"):
         log.info(
             "GPU search: batches searched one at a time in one thread; "
-            "--threads %d prepare the next batch (reading, FFTs, CTFs)",
+            "--threads %d prepare the next batch (reading, FFTs)",
             threads,
         )
         return 1
