@@ -727,14 +727,11 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
     # the CTFs and images as the fastest of the four ways (the refine command
     # evaluates the CTFs on the GPU unless $LOCALREFINE_GPU_CTF=host, and
     # stages the images in page-locked memory unless $LOCALREFINE_GPU_PINNED=0)
-    ways = {
-        (ctf_way, pinned): res["gpu_particles_per_s_bound_batch128" + suffix]
-        for (ctf_way, pinned), suffix in {
-            ("values", False): "", ("parameters", False): "_ctfparams",
-            ("values", True): "_pinned", ("parameters", True): "_ctfparams_pinned",
-        }.items()
-    }  # fmt: skip
-    ctf_way, pinned = max(ways, key=ways.get)
+    ways = ("bound_batch128", "bound_batch128_ctfparams", "bound_batch128_pinned",
+            "bound_batch128_ctfparams_pinned")  # fmt: skip
+    way = configs[max(ways, key=lambda k: res[f"gpu_particles_per_s_{k}"])]
+    ctf_way = "parameters" if way.get("ctf_params") else "values"
+    pinned = bool(way.get("pinned"))
     res["processes_ctf"], res["processes_pinned"] = ctf_way, pinned
     data = (xs, cs_params if ctf_way == "parameters" else cs, ss, a_cons, o_cons)
     kw_p = dict(fulcrum_px=np.zeros(3), r_max_px=float(r_max))

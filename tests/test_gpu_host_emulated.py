@@ -643,7 +643,7 @@ def test_gpu_alignment_pass_inserts_from_the_resident_batch(
         host_ctfs.append(np.size(params.defocus_u_a))
         return real_ctf_2d(params, *args, **kw)
 
-    monkeypatch.setattr(reconstruct, "ctf_2d", counting_ctf_2d)
+    monkeypatch.setattr(ctf_mod, "ctf_2d", counting_ctf_2d)
     monkeypatch.setenv(PINNED_ENV, "1" if ctf_at == "device" else "0")
     accumulators = reconstruct.half_set_accumulators(
         particles.box, backprojector=CudaBackProjector

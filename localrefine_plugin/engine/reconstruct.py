@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backprojector import BackProjector
-from .ctf import ctf_2d, ctf_subset
+from .ctf import CtfBatch, ctf_subset
 from .errors import InputError
 from .fourier import image_to_fourier, shift_images_fourier
 
 __all__ = [
+    "batch_ctf",
     "half_set_accumulators",
     "insert_at_poses",
     "read_batch",
@@ -76,9 +77,8 @@ def read_batch(
     def one(rows) -> tuple[np.ndarray, np.ndarray | None]:
         return (
             image_to_fourier(images[rows]),
-            ctf_2d(ctf_subset(particles.ctf, idx[rows], particles.n), box,
-                   particles.pixel_size_a) if per_part else None,
-        )  # fmt: skip
+            np.asarray(batch_ctf(particles, idx[rows])) if per_part else None,
+        )
 
     parts = np.array_split(np.arange(idx.size), max(1, min(int(workers), idx.size)))
     if len(parts) == 1:
@@ -101,6 +101,22 @@ def read_batch(
         return images_f, np.broadcast_to(np.ones(shape[1:], np.float32), shape)
     return images_f, done[0][1] if len(done) == 1 else np.concatenate(
         [c for _, c in done]
+    )
+
+
+def batch_ctf(particles, idx: np.ndarray) -> CtfBatch:
+    """The CTFs of particles ``idx`` as parameters, not yet evaluated.
+
+    A :class:`.ctf.CtfBatch` of the set's CTF parameters for those particles,
+    at its box and pixel size: ``np.asarray`` gives their (m, N, N//2+1) CTFs
+    (:func:`.ctf.ctf_2d`), and a GPU search evaluates it on the device.
+    """
+    idx = np.asarray(idx)
+    return CtfBatch(
+        ctf_subset(particles.ctf, idx, particles.n),
+        particles.box,
+        particles.pixel_size_a,
+        idx.size,
     )
 
 

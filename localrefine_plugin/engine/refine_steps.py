@@ -33,11 +33,10 @@ from scipy import ndimage
 from . import fsc as fsc_mod
 from . import masks, noise, reconstruct, search
 from .backprojector import BackProjector
-from .ctf import CtfBatch, ctf_subset
 from .parallel import SerialComm
 from .progress import Progress
 from .projector import FourierProjector, forward_model
-from .reconstruct import insert_at_poses, read_batch
+from .reconstruct import batch_ctf, insert_at_poses, read_batch
 from .refine_device import Backend
 from .search_ops import search_batch_size, search_threads
 
@@ -261,13 +260,7 @@ def align_particles(
             if not lazy_ctf:
                 return idx, *read_batch(particles, idx, **read)
             images_f, _ = read_batch(particles, idx, ctf=False, **read)
-            ctf = CtfBatch(
-                ctf_subset(particles.ctf, idx, particles.n),
-                particles.box,
-                particles.pixel_size_a,
-                idx.size,
-            )
-            return idx, images_f, ctf
+            return idx, images_f, batch_ctf(particles, idx)
 
         def align(idx, images_f, ctf, projector=projector, half=half):
             on_batch = None
