@@ -32,7 +32,7 @@ __all__ = [
     "subdivide_rotations",
     "shift_grid",
     "subdivide_shifts",
-    "split_kept_cells",
+    "child_centres",
     "compact_rows",
     "clip_to_extent",
     "vector_norm",
@@ -103,6 +103,17 @@ def _cubic_grid(
     return centres[order]
 
 
+def child_centres(
+    centres: np.ndarray, step: float, extent: float | None, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Children ``c + offsets * step / 4`` (..., c, d) of cells of side ``step``,
+    and which of them meet the open extent ball (..., c) (all with ``extent`` None)."""
+    children = centres[..., None, :] + offsets * (step / 4)
+    if extent is None:
+        return children, np.ones(children.shape[:-1], dtype=bool)
+    return children, _meets_ball(children, step / 2, float(extent))
+
+
 def _subdivide(
     centres: np.ndarray, step: float, extent: float | None, offsets: np.ndarray
 ) -> np.ndarray:
@@ -111,12 +122,10 @@ def _subdivide(
     if centres.ndim != 2 or centres.shape[1] != dim:
         raise ValueError(f"centres must have shape (n, {dim}); got {centres.shape}")
     step = _check_positive("step", step)
-    children = (centres[:, None, :] + offsets[None] * (step / 4)).reshape(-1, dim)
-    if extent is not None:
-        if extent == 0:
-            return np.zeros((1, dim))
-        children = children[_meets_ball(children, step / 2, float(extent))]
-    return children
+    if extent is not None and extent == 0:
+        return np.zeros((1, dim))
+    children, inside = child_centres(centres, step, extent, offsets)
+    return children[inside]
 
 
 def rotation_grid(
@@ -210,70 +219,35 @@ def subdivide_shifts(
     return _subdivide(centres, step_px, extent_px, _SHIFT_OFFSETS)
 
 
-def split_kept_cells(
-    centres: np.ndarray, kept: np.ndarray, step: float, extent: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Children of the kept cells of many particles at once (padded arrays).
-
-    The vectorised form of :func:`subdivide_rotations` / :func:`subdivide_shifts`
-    (``d = 3`` or ``2``) applied, per particle, to ``centres[i][kept[i]]``: the
-    same children in the same order (grouped by parent, parents in index order).
-
-    Parameters
-    ----------
-    centres : ndarray, shape (m, K, d)
-        Cell centres (degrees for rotation vectors, pixels for shifts).
-    kept : ndarray, shape (m, K), bool
-        The cells to split (at least one per particle).
-    step : float
-        Side of the parent cells; the children have side ``step / 2``.
-    extent : float
-        Children whose cell does not meet the extent ball are dropped; 0 gives
-        the single zero cell.
-
-    Returns
-    -------
-    children : ndarray, shape (m, K', d)
-        Per particle its children first; the padding repeats its first child.
-    valid : ndarray, shape (m, K'), bool
-        True for the real children (a prefix of each row).
-    """
-    centres = np.asarray(centres, dtype=np.float64)
-    m, _, dim = centres.shape
-    offsets = {3: _ROT_OFFSETS, 2: _SHIFT_OFFSETS}[dim]
-    if float(extent) == 0:
-        return np.zeros((m, 1, dim)), np.ones((m, 1), dtype=bool)
-    step = _check_positive("step", step)
-    parents, real = compact_rows(centres, kept)  # the kept cells, in index order
-    children = parents[:, :, None, :] + offsets * (step / 4)  # (m, K, c, d)
-    ok = real[:, :, None] & _meets_ball(children, step / 2, float(extent))
-    children = children.reshape(m, -1, dim)
-    ok = ok.reshape(m, -1)
-    return compact_rows(children, ok)
-
-
 def compact_rows(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the kept entries first (in order), padded with the row's first.
 
     Parameters
     ----------
-    values : ndarray, shape (m, K, d)
+    values : ndarray, shape (m, K, ...)
     keep : ndarray, shape (m, K), bool
 
     Returns
     -------
-    compact : ndarray, shape (m, K', d)
+    compact : ndarray, shape (m, K', ...)
         ``K'`` is the largest count of kept entries of a row (at least 1).
     valid : ndarray, shape (m, K'), bool
         True for the kept entries (a prefix of each row).
     """
+    values = np.asarray(values)
     keep = np.asarray(keep, dtype=bool)
+    m = keep.shape[0]
     count = keep.sum(axis=1)
-    width = max(int(count.max()), 1)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # kept ones first
-    compact = np.take_along_axis(values, order[..., None], axis=1)
+    width = max(int(count.max()), 1) if m else 1
     valid = np.arange(width) < count[:, None]
-    return np.where(valid[..., None], compact, compact[:, :1]), valid
+    compact = np.empty((m, width) + values.shape[2:], dtype=values.dtype)
+    compact[valid] = values[keep]  # both in row-major order: kept ones first
+    # padding: a row without kept entries repeats its own first entry
+    empty = count == 0
+    if empty.any():
+        compact[empty, 0] = values[empty, 0]
+    compact[~valid] = np.repeat(compact[:, 0], width - count, axis=0)
+    return compact, valid
 
 
 def clip_to_extent(vectors: np.ndarray, extent: float) -> np.ndarray:

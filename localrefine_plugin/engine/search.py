@@ -105,17 +105,10 @@ from functools import partial
 
 import numpy as np
 
+from .cell_tree import CellLevel, cell_tree_root
 from .ctf import CtfBatch
 from .geometry import geodesic_angle_deg
-from .local_grid import (
-    clip_to_extent,
-    compact_rows,
-    rotation_grid,
-    rotations_about_fulcrum,
-    shift_grid,
-    split_kept_cells,
-    vector_norm,
-)
+from .local_grid import compact_rows, rotations_about_fulcrum, vector_norm
 from .scoring import half_plane_pixels, score_poses, weighted_projection_power
 from .search_ops import CPU_SEARCH_BATCH, batch_ops, search_threads
 
@@ -519,16 +512,22 @@ def local_search(
 
 @dataclasses.dataclass
 class _Cells:
-    """Per-particle cells as padded arrays; the padding repeats row 0."""
+    """Per-particle cells: rows of one level of the cell tree, as padded arrays.
 
-    centres: np.ndarray  # (m, K, d)
+    The padding repeats row 0 (:func:`.local_grid.compact_rows`).
+    """
+
+    level: CellLevel
+    index: np.ndarray  # (m, K) int, rows of level
     valid: np.ndarray  # (m, K) bool, a prefix of each row
 
     @classmethod
-    def same_for_all(cls, centres: np.ndarray, m: int) -> _Cells:
-        k = centres.shape[0]
+    def same_for_all(cls, level: CellLevel, m: int) -> _Cells:
+        k = len(level)
         return cls(
-            np.broadcast_to(centres, (m,) + centres.shape), np.ones((m, k), bool)
+            level,
+            np.broadcast_to(np.arange(k, dtype=np.int32), (m, k)),
+            np.ones((m, k), bool),
         )
 
     def count(self) -> np.ndarray:
@@ -536,17 +535,21 @@ class _Cells:
 
     def subset(self, kept: np.ndarray) -> _Cells:
         """The kept cells (m, K) bool, in index order (no subdivision)."""
-        return _Cells(*compact_rows(self.centres, kept))
+        return _Cells(self.level, *compact_rows(self.index, kept))
+
+    def split(self, kept: np.ndarray, step: float) -> _Cells:
+        """The children of the kept cells (m, K) bool of side ``step``."""
+        return _Cells(*self.level.split(self.index, kept, step))
 
 
 @dataclasses.dataclass
 class _Scored:
     """Scores of a padded (rotation cells x shift cells) product grid."""
 
-    rv: np.ndarray  # (m, J, 3) cell centres
-    tv: np.ndarray  # (m, S, 2)
-    tv_eval: np.ndarray  # (m, S, 2) clipped into the extent
-    rv_eval: np.ndarray  # (m, J, 3) clipped into the extent
+    rv_norm: np.ndarray  # (m, J) |cell centre|
+    tv_norm: np.ndarray  # (m, S)
+    tv_eval: np.ndarray  # (m, S, 2) centres clipped into the extent
+    rv_eval: np.ndarray  # (m, J, 3) centres clipped into the extent
     grid: object  # the scores without priors (engine/search_ops.py)
     prior_r: np.ndarray  # (m, J) priors of the evaluated poses, inf on the padding
     prior_s: np.ndarray  # (m, S)
@@ -557,9 +560,9 @@ class _Scored:
 
 
 def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
-    rv, tv = rots.centres, shifts.centres
-    rv_eval = clip_to_extent(rv, cfg["rot_ext"])
-    tv_eval = clip_to_extent(tv, cfg["shift_ext"])
+    r_level, s_level = rots.level, shifts.level
+    rv_eval = r_level.clipped[rots.index]
+    tv_eval = s_level.clipped[shifts.index]
     counts = (rots.count(), shifts.count())
     grid = ops.score_local(
         a_cons,
@@ -570,13 +573,16 @@ def _score_grid(ops, a_cons, o_cons, rots: _Cells, shifts: _Cells, radius, cfg):
         counts=counts,
     )  # (m, J, S)
     # priors, inf on the padding (so the padded poses drop out of every minimum)
-    prior_r = _prior(vector_norm(rv_eval), cfg["prior_rot"], rots.valid)  # (m, J)
-    prior_s = _prior(vector_norm(tv_eval), cfg["prior_shift"], shifts.valid)  # (m, S)
+    prior_r = _prior(r_level.clipped_norm[rots.index], cfg["prior_rot"], rots.valid)
+    prior_s = _prior(
+        s_level.clipped_norm[shifts.index], cfg["prior_shift"], shifts.valid
+    )
     jb, sb, best = grid.best(prior_r, prior_s)
     n_valid = counts[0] * counts[1]
     return _Scored(
-        rv, tv, tv_eval, rv_eval, grid, prior_r, prior_s, n_valid, jb, sb, best
-    )
+        r_level.norm[rots.index], s_level.norm[shifts.index], tv_eval, rv_eval, grid,
+        prior_r, prior_s, n_valid, jb, sb, best,
+    )  # fmt: skip
 
 
 def _upper_and_high_band(
@@ -698,18 +704,14 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
     m = x.shape[0]
     # lattices offset so that the leaves hold the consensus pose itself (zero)
     rots = _Cells.same_for_all(
-        rotation_grid(
-            cfg["rot_ext"],
-            stages[0].rotation_step_deg,
-            finest_step_deg=stages[-1].rotation_step_deg,
+        cell_tree_root(
+            3, cfg["rot_ext"], stages[0].rotation_step_deg, stages[-1].rotation_step_deg
         ),
         m,
     )
     shifts = _Cells.same_for_all(
-        shift_grid(
-            cfg["shift_ext"],
-            stages[0].shift_step_px,
-            finest_step_px=stages[-1].shift_step_px,
+        cell_tree_root(
+            2, cfg["shift_ext"], stages[0].shift_step_px, stages[-1].shift_step_px
         ),
         m,
     )
@@ -725,10 +727,8 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
         half_shift = np.sqrt(2) / 2 * stage.shift_step_px
         margin = m_cell + gamma * np.sqrt(2 * m_cell)
         # priors at the cells' points nearest the consensus; inf on the padding
-        rv_near = np.maximum(
-            vector_norm(sc.rv) - np.sqrt(3) / 2 * stage.rotation_step_deg, 0
-        )
-        tv_near = np.maximum(vector_norm(sc.tv) - half_shift, 0)
+        rv_near = np.maximum(sc.rv_norm - np.sqrt(3) / 2 * stage.rotation_step_deg, 0)
+        tv_near = np.maximum(sc.tv_norm - half_shift, 0)
         prior_r = _prior(rv_near, cfg["prior_rot"], rots.valid)
         prior_r -= (margin - high_bound)[:, None]
         minima = sc.grid.minima(
@@ -742,12 +742,8 @@ def _search_stages(ops, x, inv_sigma2, a_cons, o_cons, stages, cfg) -> SearchRes
             shifts,
             _stage_caps(cfg["caps"], cfg["r_max"], stages[t + 1].radius_px),
         )
-        rots = _Cells(
-            *split_kept_cells(rots.centres, kj, stage.rotation_step_deg, cfg["rot_ext"])
-        )
-        shifts = _Cells(
-            *split_kept_cells(shifts.centres, ks, stage.shift_step_px, cfg["shift_ext"])
-        )
+        rots = rots.split(kj, stage.rotation_step_deg)
+        shifts = shifts.split(ks, stage.shift_step_px)
         log.debug(
             "stage %d: radius %.1f px, cells %.2f deg x %.3f px, poses per particle "
             "%.0f; bound terms (means): upper - best %.1f, cell margin %.1f, "
@@ -806,7 +802,7 @@ def _finish(sc: _Scored, a_cons, o_cons, n_eval, top_k, fulcrum) -> SearchResult
         k = min(top_k, flat.shape[1])
         order = np.argsort(flat, axis=1, kind="stable")[:, :k]  # (m, K)
         top_scores = np.take_along_axis(flat, order, axis=1)
-        j, s = np.unravel_index(order, (sc.rv_eval.shape[1], sc.tv.shape[1]))
+        j, s = np.unravel_index(order, (sc.rv_eval.shape[1], sc.tv_eval.shape[1]))
     rows = np.arange(m)[:, None]
     top_rot, term = rotations_about_fulcrum(a_cons, sc.rv_eval[rows, j], fulcrum)
     # standard origins o_cons + t + fulcrum term (candidate_poses)
