@@ -655,6 +655,14 @@ def bench_box(n: int, quick: bool, peaks, log) -> dict:
         "cProfile, by own time):"
     )
     log("\n".join("    " + line for line in text.getvalue().splitlines()[4:24]))
+    # the same run by cumulative time of the search's steps: time in a grid
+    # reduction or a download is mostly the wait for the kernels before it
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(
+        r"search\.py|search_ops\.py|cell_tree\.py|cuda_scoring\.py", 16
+    )
+    log("  the same, by cumulative time (the search's steps and the batch ops):")
+    log("\n".join("    " + line for line in text.getvalue().splitlines()[4:28]))
     sub = {k: (v[:m_s_cpu] if k.startswith("consensus") else v) for k, v in kw.items()}
 
     def cpu_search():

@@ -76,27 +76,58 @@ def test_zero_extent_keeps_the_single_zero_cell():
     assert valid.all()
 
 
-def test_trees_are_shared_and_built_once_across_threads():
-    root = cell_tree_root(3, 9.0, 3.0, 0.75)
-    assert cell_tree_root(3, 9.0, 3.0, 0.75) is root
-    assert cell_tree_root(3, 9.0, 3.0, 1.5) is not root
-    found = []
+def test_threads_splitting_at_once_share_one_consistent_tree(rng):
+    extent, steps = 9.0, (3.0, 1.5, 0.75)
+    root = cell_tree_root(3, extent, steps[0], steps[-1])
+    assert cell_tree_root(3, extent, steps[0], steps[-1]) is root
+    assert cell_tree_root(3, extent, steps[0], 1.5) is not root
+    m = 5
+    cases = []
+    for _ in range(8):  # each thread its own particles and kept cells
+        kept1 = rng.uniform(size=(m, len(root))) < 0.3
+        kept1[:, 0] = True
+        cases.append((kept1, rng.uniform(size=(m, 1000)) < 0.3))
+    index0 = np.broadcast_to(np.arange(len(root)), (m, len(root)))
+    found = [None] * len(cases)
 
-    def child():
-        found.append(root.children(3.0))
+    def search(k):
+        kept1, draws = cases[k]
+        level1, index1, valid1 = root.split(index0, kept1, steps[0])
+        kept2 = draws[:, : index1.shape[1]] & valid1
+        kept2[:, 0] = True
+        level2, index2, valid2 = level1.split(index1, kept2, steps[1])
+        found[k] = (
+            level1.centres[index1],
+            valid1,
+            kept2,
+            level2.centres[index2],
+            valid2,
+        )
 
-    threads = [threading.Thread(target=child) for _ in range(8)]
+    threads = [threading.Thread(target=search, args=(k,)) for k in range(len(cases))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(f[0] is found[0][0] and f[1] is found[0][1] for f in found)
-    # the table: -1 exactly for the children outside the extent
-    level, table = found[0]
-    assert (table >= 0).sum() == len(level)
-    np.testing.assert_array_equal(
-        level.centres, subdivide_rotations(root.centres, 3.0, extent_deg=9.0)
-    )
+    for (kept1, _), (c1, v1, kept2, c2, v2) in zip(cases, found, strict=True):
+        ref1 = _reference_split(root.centres[index0], np.ones_like(kept1), kept1,
+                                steps[0], extent, 3)  # fmt: skip
+        ref2 = _reference_split(c1, v1, kept2, steps[1], extent, 3)
+        for i in range(m):
+            np.testing.assert_array_equal(c1[i, : v1[i].sum()], ref1[i])
+            np.testing.assert_array_equal(c2[i, : v2[i].sum()], ref2[i])
+    # the deeper levels hold only the children of split cells, each cell once
+    level1 = root.split(index0[:1], np.ones((1, len(root)), bool), steps[0])[0]
+    full = subdivide_rotations(root.centres, steps[0], extent_deg=extent)
+    assert len(level1) == len(full)
+    assert len(np.unique(level1.centres[: len(level1)], axis=0)) == len(level1)
+    split = {tuple(c) for f in found for c in f[0][f[2]]}  # level-1 cells split
+    level2 = level1.split(np.zeros((1, 1), int), np.ones((1, 1), bool), steps[1])[0]
+    split.add(tuple(level1.centres[0]))
+    children = subdivide_rotations(np.array(sorted(split)), steps[1], extent_deg=extent)
+    assert {tuple(c) for c in level2.centres} == {tuple(c) for c in children}
+    assert len(level2) == len(children)
+    assert len(level2) < len(subdivide_rotations(full, steps[1], extent_deg=extent))
 
 
 def test_compact_rows_matches_a_row_by_row_loop(rng):
@@ -116,3 +147,23 @@ def test_compact_rows_matches_a_row_by_row_loop(rng):
             np.testing.assert_array_equal(
                 compact[i, len(kept):], np.broadcast_to(first, compact[i, len(kept):].shape)
             )  # fmt: skip
+
+
+def test_a_level_that_grows_after_its_children_were_split(rng):
+    extent, steps = 6.0, (2.0, 1.0, 0.5)
+    root = cell_tree_root(2, extent, steps[0], steps[-1])
+    index0 = np.arange(len(root))[None]
+    for part in (slice(0, 3), slice(3, None), slice(None)):  # level 1 grows twice
+        kept = np.zeros(index0.shape, bool)
+        kept[0, part] = True
+        level1, index1, valid1 = root.split(index0, kept, steps[0])
+        kept1 = valid1 & (rng.uniform(size=valid1.shape) < 0.5)
+        kept1[0, 0] = True
+        level2, index2, valid2 = level1.split(index1, kept1, steps[1])
+        expected = subdivide_shifts(
+            level1.centres[index1[kept1]], steps[1], extent_px=extent
+        )
+        np.testing.assert_array_equal(level2.centres[index2[valid2]], expected)
+    assert len(level1) == len(
+        subdivide_shifts(root.centres, steps[0], extent_px=extent)
+    )
