@@ -441,20 +441,30 @@ def estimate_noise(
         box, gpu=backend is not None and backend.name == "cuda"
     )
     setup = 0.0
+
+    def prepare(idx: np.ndarray):
+        return idx, *read_batch(particles, idx, workers=options.threads)
+
     for half in (1, 2):
         t0 = time.monotonic()
         projector = FourierProjector(references[half - 1], padding=2)
         if backend is not None:
             projector = backend.projector(projector)
         setup += time.monotonic() - t0
-        for idx in comm.share(
-            _batches(np.flatnonzero((subsets == half) & chosen), batch)
-        ):
-            images_f, ctf = read_batch(particles, idx, workers=options.threads)
+
+        def residuals(idx, images_f, ctf, projector=projector) -> None:
             pred = forward_model(
                 projector, rotations[idx], origins_px=origins_px[idx], ctf=ctf
             )
             acc.add(images_f, predictions_f=pred, optics_groups=rows[idx])
+
+        # the next batch is read and transformed while this one is projected
+        # and accumulated (in this thread: the GPU's context lives here)
+        batches = comm.share(
+            _batches(np.flatnonzero((subsets == half) & chosen), batch)
+        )
+        for _ in prefetched(prepare, residuals, batches):
+            pass
     for total in (acc.sums, acc.counts, acc.image_sums):
         comm.allreduce_sum(total)
     if timings is not None:
