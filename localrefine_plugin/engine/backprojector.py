@@ -55,14 +55,20 @@ import scipy.fft
 from .fourier import frequency_grid_2d
 from .projector import (
     axis_blocks,
-    fft_order_index,
     gridding_correction_1d,
-    padded_radius2,
     slice_coordinates,
     trilinear_corners,
 )
 
-__all__ = ["BackProjector", "CHUNK_ENTRIES"]
+__all__ = ["BackProjector", "CHUNK_BYTES", "CHUNK_ENTRIES", "SLAB_PLANES"]
+
+#: z planes of the padded layout that :meth:`BackProjector.fourier_estimate`
+#: processes at once (its temporaries: ~17 MB per array at box 256)
+SLAB_PLANES = 16
+
+#: bytes of the blocks in which :meth:`BackProjector.reconstruct` transforms
+#: (small enough that the allocator reuses them instead of fresh pages)
+CHUNK_BYTES = 16 << 20
 
 #: Trilinear entries (8 per pixel per image) processed at once by
 #: :meth:`BackProjector.insert`: bounds its temporaries to ~32 MB per array,
@@ -267,45 +273,108 @@ class BackProjector:
             In the padded layout; zero beyond ``r_max`` and where nothing was
             inserted.
         """
-        c = self.c
+        block = self._estimator(fsc, tau2_fudge, wiener_constant)
+        out = np.empty(self.shape, dtype=self.data.dtype)
+        for z0 in range(0, self.shape[0], SLAB_PLANES):
+            z1 = min(z0 + SLAB_PLANES, self.shape[0])
+            out[z0:z1] = block(slice(z0, z1), slice(None), self.shape[2])
+        return out
+
+    def _estimator(self, fsc, tau2_fudge: float, wiener_constant):
+        """``block(zs, ys, nx)``: the Fourier estimate of the layout's planes
+        ``zs``, rows ``ys`` and first ``nx`` columns (z, y, x), complex128.
+
+        The regulariser is found first (per shell, from the weights, with an
+        FSC; else the floor of the weight); each block is then computed from
+        ``data`` and ``weight`` alone, so the estimate is made a block at a
+        time where it is needed (:meth:`reconstruct`: no array of the padded
+        box's size beside the accumulators; fresh arrays of that size cost
+        more in page faults than the arithmetic).
+        """
+        c, p = self.c, self.padding
         plane_d, plane_w = self._hermitian_x0_plane()
-        denom = self.weight.copy()
-        denom[: 2 * c + 1, : 2 * c + 1, 0] = plane_w
-        r2 = padded_radius2(c)
-        inside = r2 <= (self.padding * self.r_max_px) ** 2
+        lim2 = (p * self.r_max_px) ** 2
+        k2 = np.arange(-c, c + 2, dtype=np.int32) ** 2  # y and z, layout order
+        kx2 = np.arange(c + 2, dtype=np.int32) ** 2
+        r2_max = 2 * int(k2.max()) + int(kx2.max())
+        # per squared radius (an integer): its unpadded shell and whether inside
+        r2_all = np.arange(r2_max + 1)
+        shell_of = np.rint(np.sqrt(r2_all) / p).astype(np.int32)
+        inside_of = r2_all <= lim2
+
+        def geometry(zs: slice, ys: slice, nx: int):
+            """Squared radii (int32) and the Hermitian plane's rows of a block."""
+            r2 = k2[zs, None, None] + k2[None, ys, None] + kx2[None, None, :nx]
+            # the block's part of the x = 0 plane [: 2c + 1, : 2c + 1]
+            z_in = range(2 * c + 1)[zs]
+            y_in = range(2 * c + 1)[ys]
+            return r2, slice(z_in.start, z_in.stop), slice(y_in.start, y_in.stop)
+
+        def weights(zs: slice, ys: slice, nx: int):
+            """The weights of a block, the x = 0 plane made Hermitian."""
+            w = self.weight[zs, ys, :nx].copy()
+            _, pz, py = geometry(zs, ys, 1)
+            w[: pz.stop - pz.start, : py.stop - py.start, 0] = plane_w[pz, py]
+            return w
+
+        slabs = [
+            slice(z, min(z + SLAB_PLANES, self.shape[0]))
+            for z in range(0, self.shape[0], SLAB_PLANES)
+        ]
+        every = slice(None)
+        nx_all = self.shape[2]
         if fsc is not None:
-            shell = np.rint(np.sqrt(r2) / self.padding).astype(np.int32)
-            del r2
+            size = int(shell_of[inside_of].max()) + 1 if inside_of.any() else 1
+            w_sum, count = np.zeros(size), np.zeros(size, dtype=np.int64)
+            for zs in slabs:
+                r2 = geometry(zs, every, nx_all)[0]
+                inside = r2 <= lim2
+                s = shell_of.take(r2[inside])
+                w = weights(zs, every, nx_all)[inside]
+                w_sum += np.bincount(s, weights=w, minlength=size)
+                count += np.bincount(s, minlength=size)
+            n_shells = int(np.flatnonzero(count).max()) + 1 if count.any() else 1
             fsc = np.clip(np.asarray(fsc, dtype=np.float64), 0.001, 0.999)
-            n_shells = int(shell[inside].max()) + 1
             f = np.full(n_shells, 0.001)
             f[: min(n_shells, fsc.size)] = fsc[:n_shells]
             ssnr = tau2_fudge * f / (1.0 - f)
-            w_sum = np.bincount(
-                shell[inside], weights=denom[inside], minlength=n_shells
-            )
-            count = np.bincount(shell[inside], minlength=n_shells)
-            mean_w = w_sum / np.maximum(count, 1)
+            mean_w = w_sum[:n_shells] / np.maximum(count[:n_shells], 1)
             reg = mean_w / ssnr  # RELION's 1 / tau2 per shell, see module docstring
-            denom += np.where(inside, reg[np.minimum(shell, n_shells - 1)], 0.0)
-            del shell
-        else:
-            del r2
-            if wiener_constant is None:
-                mean_w = denom[inside].mean() if inside.any() else 0.0
-                wiener_constant = 1e-3 * mean_w if mean_w > 0 else 1.0
-            np.maximum(denom, wiener_constant, out=denom)
-        ok = inside & (denom > 0)
-        out = np.zeros_like(self.data)
-        np.divide(self.data, denom, out=out, where=ok)
-        ok_plane = ok[: 2 * c + 1, : 2 * c + 1, 0]
-        out[: 2 * c + 1, : 2 * c + 1, 0] = np.divide(
-            plane_d,
-            denom[: 2 * c + 1, : 2 * c + 1, 0],
-            out=np.zeros_like(plane_d),
-            where=ok_plane,
-        )
-        return out
+            # the regulariser per squared radius (0 outside r_max)
+            reg_of = np.where(inside_of, reg[np.minimum(shell_of, n_shells - 1)], 0.0)
+        elif wiener_constant is None:
+            total, count = 0.0, 0
+            for zs in slabs:
+                inside = geometry(zs, every, nx_all)[0] <= lim2
+                total += float(weights(zs, every, nx_all)[inside].sum())
+                count += int(inside.sum())
+            mean_w = total / count if count else 0.0
+            wiener_constant = 1e-3 * mean_w if mean_w > 0 else 1.0
+
+        def block(zs: slice, ys: slice, nx: int) -> np.ndarray:
+            r2, pz, py = geometry(zs, ys, nx)
+            denom = weights(zs, ys, nx)
+            if fsc is not None:
+                denom += reg_of.take(r2)
+            else:
+                np.maximum(denom, wiener_constant, out=denom)
+            ok = (r2 <= lim2) & (denom > 0)
+            # data / denom as data times 1 / denom: the values of numpy's
+            # complex-by-real division (which scales by the reciprocal)
+            inv = np.divide(1.0, denom, out=np.zeros(denom.shape), where=ok)
+            out = np.zeros(denom.shape, dtype=self.data.dtype)
+            np.multiply(self.data[zs, ys, :nx], inv, out=out, where=ok)
+            hz, hy = pz.stop - pz.start, py.stop - py.start
+            if hz > 0 and hy > 0:  # the Hermitian x = 0 plane
+                out[:hz, :hy, 0] = np.multiply(
+                    plane_d[pz, py],
+                    inv[:hz, :hy, 0],
+                    out=np.zeros((hz, hy), dtype=plane_d.dtype),
+                    where=ok[:hz, :hy, 0],
+                )
+            return out
+
+        return block
 
     def reconstruct(
         self,
@@ -335,41 +404,65 @@ class BackProjector:
             inserted images' pixels per voxel (a map whose projections are
             the images, when the CTF is 1).
         """
-        return self._to_real_space(
-            self.fourier_estimate(
-                fsc=fsc, tau2_fudge=tau2_fudge, wiener_constant=wiener_constant
-            )
-        )
+        block = self._estimator(fsc, tau2_fudge, wiener_constant)
+        nx = self.c + 1
+        return self._to_real_space(lambda ys: block(slice(None), ys, nx))
 
-    def _to_real_space(self, f3: np.ndarray) -> np.ndarray:
+    def _to_real_space(self, f3) -> np.ndarray:
         """Padded layout -> real map (N, N, N) float32 with the gridding correction.
+
+        ``f3``: the padded layout (:attr:`shape`), or ``f3(ys)`` giving its
+        rows ``ys`` (a slice), all planes, the first ``c + 1`` columns.
 
         The inverse transform of the padded ``(pN)^3`` grid, of which only the
         central ``N^3`` voxels are kept, is done one axis at a time, keeping
         the ``N`` wanted outputs after each axis (z, then y, then the real x):
         the later axes transform ``1/p`` and ``1/p^2`` of the lines, 42 % less
         work than the whole padded ``irfftn`` at ``p = 2``, with the same
-        values up to rounding.
+        values up to rounding. Each axis is done in blocks of about
+        :data:`CHUNK_BYTES` (rows for z, planes for y and x): the only large
+        array made is the z-transformed half (N planes).
         """
         n, p, c = self.n, self.padding, self.c
         npad = p * n
-        keep = fft_order_index(n, npad)
+        # the kept outputs (fft_order_index): FFT indices npad - h .. npad - 1
+        # (pixels 0 .. h - 1), then 0 .. n - h - 1 (pixels h .. n - 1)
+        h = n // 2
+        kept = ((slice(0, h), slice(npad - h, npad)), (slice(h, n), slice(0, n - h)))
         blocks = axis_blocks(c, npad, drop_alias=True)
-        # z to FFT order (y stays in the layout's order), inverse, keep N planes
-        work = np.zeros((npad, f3.shape[1], c + 1), dtype=np.complex128)
-        for fz, lz in blocks:
-            work[fz] = f3[lz, :, : c + 1]
-        work = scipy.fft.ifft(work, axis=0, workers=-1, overwrite_x=True)[keep]
-        # y to FFT order, inverse, keep N rows
-        rows = np.zeros((n, npad, c + 1), dtype=np.complex128)
-        for fy, ly in blocks:
-            rows[:, fy] = work[:, ly]
-        del work
-        rows = scipy.fft.ifft(rows, axis=1, workers=-1, overwrite_x=True)[:, keep]
-        # the Hermitian x axis: real output, keep N columns
-        vol = scipy.fft.irfft(rows, n=npad, axis=2, workers=-1, overwrite_x=True)
-        del rows
-        vol = vol[:, :, keep]
+        rows_of = f3 if callable(f3) else (lambda ys: f3[:, ys, : c + 1])
+        ny_all = self.shape[1]
+        line = npad * (c + 1) * 16  # bytes of one row (or plane) of lines, complex128
+        step = max(1, CHUNK_BYTES // line)
+        # z to FFT order, inverse, keep N planes (y stays in the layout's order)
+        zt = np.empty((n, ny_all, c + 1), dtype=np.complex128)
+        for y0 in range(0, ny_all, step):
+            ys = slice(y0, min(y0 + step, ny_all))
+            part = rows_of(ys)
+            work = np.zeros((npad, ys.stop - ys.start, c + 1), dtype=np.complex128)
+            for fz, lz in blocks:
+                work[fz] = part[lz]
+            del part
+            work = scipy.fft.ifft(work, axis=0, workers=-1, overwrite_x=True)
+            for to, fro in kept:
+                zt[to, ys] = work[fro]
+        # per block of planes: y to FFT order, inverse, keep N rows; then the
+        # Hermitian x axis: real output, keep N columns; the gridding correction
         g = gridding_correction_1d(n, p)
-        vol /= g[:, None, None] * g[None, :, None] * g[None, None, :]
-        return vol.astype(np.float32)
+        out = np.empty((n, n, n), dtype=np.float32)
+        for z0 in range(0, n, step):
+            zs = slice(z0, min(z0 + step, n))
+            rows = np.zeros((zs.stop - zs.start, npad, c + 1), dtype=np.complex128)
+            for fy, ly in blocks:
+                rows[:, fy] = zt[zs, ly]
+            rows = scipy.fft.ifft(rows, axis=1, workers=-1, overwrite_x=True)
+            lines = np.empty((zs.stop - zs.start, n, c + 1), dtype=np.complex128)
+            for to, fro in kept:
+                lines[:, to] = rows[:, fro]
+            del rows
+            vol = scipy.fft.irfft(lines, n=npad, axis=2, workers=-1, overwrite_x=True)
+            del lines
+            corr = g[zs, None, None] * g[None, :, None]  # times g[x] below
+            for to, fro in kept:
+                out[zs, :, to] = vol[:, :, fro] / (corr * g[None, None, to])
+        return out
