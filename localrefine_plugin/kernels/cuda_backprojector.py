@@ -127,16 +127,20 @@ class CudaBackProjector(BackProjector):
         """Add the device accumulators into the host arrays and zero them."""
         if self._dev is None:
             return
-        shape = self._weight.shape
+        # added in place, widened element by element (no float64 or complex
+        # copies of the box: fresh arrays of its size cost more than the adds)
+        if not (self._data.flags.c_contiguous and self._weight.flags.c_contiguous):
+            raise RuntimeError("the host accumulators must be C-contiguous arrays")
+        data = self._data.reshape(-1).view(np.float64).reshape(-1, 2)  # re, im views
+        weight = self._weight.reshape(-1)
         if self.accumulator == "float32x4":
-            a = self._dev[0].get().astype(np.float64).reshape(shape + (4,))
-            d, w = a[..., :2], a[..., 2]
+            a = self._dev[0].get().reshape(-1, 4)  # re, im, weight, (unused)
+            d, w = a[:, :2], a[:, 2]
         else:
             data_g, weight_g = self._dev
-            d = data_g.get().astype(np.float64).reshape(shape + (2,))
-            w = weight_g.get().astype(np.float64).reshape(shape)
-        self._data += d[..., 0] + 1j * d[..., 1]
-        self._weight += w
+            d, w = data_g.get().reshape(-1, 2), weight_g.get().reshape(-1)
+        np.add(data, d, out=data)
+        np.add(weight, w, out=weight)
         self._dev = None  # fresh zeroed buffers at the next insert
 
     def _device_accumulators(self) -> tuple:
