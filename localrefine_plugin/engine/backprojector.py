@@ -55,6 +55,7 @@ import scipy.fft
 from .fourier import frequency_grid_2d
 from .projector import (
     axis_blocks,
+    fft_order_slices,
     gridding_correction_1d,
     slice_coordinates,
     trilinear_corners,
@@ -425,10 +426,7 @@ class BackProjector:
         """
         n, p, c = self.n, self.padding, self.c
         npad = p * n
-        # the kept outputs (fft_order_index): FFT indices npad - h .. npad - 1
-        # (pixels 0 .. h - 1), then 0 .. n - h - 1 (pixels h .. n - 1)
-        h = n // 2
-        kept = ((slice(0, h), slice(npad - h, npad)), (slice(h, n), slice(0, n - h)))
+        kept = fft_order_slices(n, npad)  # the N outputs kept, as blocks
         blocks = axis_blocks(c, npad, drop_alias=True)
         rows_of = f3 if callable(f3) else (lambda ys: f3[:, ys, : c + 1])
         ny_all = self.shape[1]
