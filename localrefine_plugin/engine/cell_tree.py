@@ -5,7 +5,7 @@ fixed relative to each particle's consensus pose (:func:`.local_grid.rotation_gr
 :func:`.local_grid.shift_grid`), and a cell's children (:func:`.local_grid.subdivide_rotations`)
 depend only on the cell. So the cells of every particle are nodes of one tree:
 level 0 is the coarse grid, level ``L + 1`` the children, inside the extent,
-of all cells of level ``L``. A particle's cells at a stage are then integer
+of the cells of level ``L`` split so far. A particle's cells at a stage are then integer
 indices into one level, and splitting its kept cells is a table look-up
 instead of forming and testing ``8 K`` child centres per particle (which was
 the search's largest host cost on the GPU path: 26 of 42 ms per batch of 256
