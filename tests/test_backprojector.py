@@ -274,10 +274,10 @@ def test_reconstruction_in_blocks_equals_the_whole_box_at_once(
     n, padding, r_max_px, rng, monkeypatch
 ):
     """``reconstruct`` makes the estimate block by block inside the transform
-    (``CHUNK_BYTES``, ``SLAB_PLANES``): down to one row or plane per block it
+    (``projector.CHUNK_BYTES``): down to one row or plane per block it
     gives the two-step result (the whole estimate, then the whole transform)
     bit for bit, with an FSC, with the default floor and with a given one."""
-    from localrefine_plugin.engine import backprojector as bp_module
+    from localrefine_plugin.engine import projector as projector_module
 
     bp = BackProjector(n, padding=padding, r_max_px=r_max_px)
     bp.data[...] = rng.normal(size=bp.shape) + 1j * rng.normal(size=bp.shape)
@@ -287,8 +287,7 @@ def test_reconstruction_in_blocks_equals_the_whole_box_at_once(
              dict(wiener_constant=0.3)]  # fmt: skip
     whole = [bp._to_real_space(bp.fourier_estimate(**kw)) for kw in cases]
     estimates = [bp.fourier_estimate(**kw) for kw in cases]
-    monkeypatch.setattr(bp_module, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(bp_module, "SLAB_PLANES", 1)
+    monkeypatch.setattr(projector_module, "CHUNK_BYTES", 1)
     for kw, want, f3 in zip(cases, whole, estimates, strict=True):
         np.testing.assert_array_equal(bp.reconstruct(**kw), want)
         np.testing.assert_array_equal(bp._to_real_space(f3), want)

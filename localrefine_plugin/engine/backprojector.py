@@ -52,24 +52,18 @@ import logging
 import numpy as np
 import scipy.fft
 
+from . import projector as _projector  # its CHUNK_BYTES, read at each call
 from .fourier import frequency_grid_2d
 from .projector import (
     axis_blocks,
     fft_order_slices,
     gridding_correction_1d,
+    padded_radius2,
     slice_coordinates,
     trilinear_corners,
 )
 
-__all__ = ["BackProjector", "CHUNK_BYTES", "CHUNK_ENTRIES", "SLAB_PLANES"]
-
-#: z planes of the padded layout that :meth:`BackProjector.fourier_estimate`
-#: processes at once (its temporaries: ~17 MB per array at box 256)
-SLAB_PLANES = 16
-
-#: bytes of the blocks in which :meth:`BackProjector.reconstruct` transforms
-#: (small enough that the allocator reuses them instead of fresh pages)
-CHUNK_BYTES = 16 << 20
+__all__ = ["BackProjector", "CHUNK_ENTRIES"]
 
 #: Trilinear entries (8 per pixel per image) processed at once by
 #: :meth:`BackProjector.insert`: bounds its temporaries to ~32 MB per array,
@@ -276,10 +270,15 @@ class BackProjector:
         """
         block = self._estimator(fsc, tau2_fudge, wiener_constant)
         out = np.empty(self.shape, dtype=self.data.dtype)
-        for z0 in range(0, self.shape[0], SLAB_PLANES):
-            z1 = min(z0 + SLAB_PLANES, self.shape[0])
-            out[z0:z1] = block(slice(z0, z1), slice(None), self.shape[2])
+        for zs in self._slabs():
+            out[zs] = block(zs, slice(None), self.shape[2])
         return out
+
+    def _slabs(self) -> list[slice]:
+        """The layout's z planes in slabs of about ``projector.CHUNK_BYTES``."""
+        nz, ny, nx = self.shape
+        step = max(1, _projector.CHUNK_BYTES // (ny * nx * 16))  # complex128 planes
+        return [slice(z, min(z + step, nz)) for z in range(0, nz, step)]
 
     def _estimator(self, fsc, tau2_fudge: float, wiener_constant):
         """``block(zs, ys, nx)``: the Fourier estimate of the layout's planes
@@ -295,43 +294,32 @@ class BackProjector:
         c, p = self.c, self.padding
         plane_d, plane_w = self._hermitian_x0_plane()
         lim2 = (p * self.r_max_px) ** 2
-        k2 = np.arange(-c, c + 2, dtype=np.int32) ** 2  # y and z, layout order
-        kx2 = np.arange(c + 2, dtype=np.int32) ** 2
-        r2_max = 2 * int(k2.max()) + int(kx2.max())
         # per squared radius (an integer): its unpadded shell and whether inside
-        r2_all = np.arange(r2_max + 1)
+        r2_all = np.arange(3 * (c + 1) ** 2 + 1)  # up to the corner (c+1, c+1, c+1)
         shell_of = np.rint(np.sqrt(r2_all) / p).astype(np.int32)
         inside_of = r2_all <= lim2
 
-        def geometry(zs: slice, ys: slice, nx: int):
-            """Squared radii (int32) and the Hermitian plane's rows of a block."""
-            r2 = k2[zs, None, None] + k2[None, ys, None] + kx2[None, None, :nx]
-            # the block's part of the x = 0 plane [: 2c + 1, : 2c + 1]
-            z_in = range(2 * c + 1)[zs]
-            y_in = range(2 * c + 1)[ys]
-            return r2, slice(z_in.start, z_in.stop), slice(y_in.start, y_in.stop)
+        def plane_rows(zs: slice, ys: slice) -> tuple[slice, slice]:
+            """The block's part of the x = 0 plane ``[: 2c + 1, : 2c + 1]``."""
+            z_in, y_in = range(2 * c + 1)[zs], range(2 * c + 1)[ys]
+            return slice(z_in.start, z_in.stop), slice(y_in.start, y_in.stop)
 
-        def weights(zs: slice, ys: slice, nx: int):
+        def weights(zs: slice, ys: slice = slice(None), nx: int | None = None):
             """The weights of a block, the x = 0 plane made Hermitian."""
             w = self.weight[zs, ys, :nx].copy()
-            _, pz, py = geometry(zs, ys, 1)
+            pz, py = plane_rows(zs, ys)
             w[: pz.stop - pz.start, : py.stop - py.start, 0] = plane_w[pz, py]
             return w
 
-        slabs = [
-            slice(z, min(z + SLAB_PLANES, self.shape[0]))
-            for z in range(0, self.shape[0], SLAB_PLANES)
-        ]
-        every = slice(None)
-        nx_all = self.shape[2]
+        slabs = self._slabs()
         if fsc is not None:
             size = int(shell_of[inside_of].max()) + 1 if inside_of.any() else 1
             w_sum, count = np.zeros(size), np.zeros(size, dtype=np.int64)
             for zs in slabs:
-                r2 = geometry(zs, every, nx_all)[0]
+                r2 = padded_radius2(c, zs)
                 inside = r2 <= lim2
                 s = shell_of.take(r2[inside])
-                w = weights(zs, every, nx_all)[inside]
+                w = weights(zs)[inside]
                 w_sum += np.bincount(s, weights=w, minlength=size)
                 count += np.bincount(s, minlength=size)
             n_shells = int(np.flatnonzero(count).max()) + 1 if count.any() else 1
@@ -346,14 +334,15 @@ class BackProjector:
         elif wiener_constant is None:
             total, count = 0.0, 0
             for zs in slabs:
-                inside = geometry(zs, every, nx_all)[0] <= lim2
-                total += float(weights(zs, every, nx_all)[inside].sum())
+                inside = padded_radius2(c, zs) <= lim2
+                total += float(weights(zs)[inside].sum())
                 count += int(inside.sum())
             mean_w = total / count if count else 0.0
             wiener_constant = 1e-3 * mean_w if mean_w > 0 else 1.0
 
         def block(zs: slice, ys: slice, nx: int) -> np.ndarray:
-            r2, pz, py = geometry(zs, ys, nx)
+            r2 = padded_radius2(c, zs, ys, nx)
+            pz, py = plane_rows(zs, ys)
             denom = weights(zs, ys, nx)
             if fsc is not None:
                 denom += reg_of.take(r2)
@@ -421,7 +410,7 @@ class BackProjector:
         the later axes transform ``1/p`` and ``1/p^2`` of the lines, 42 % less
         work than the whole padded ``irfftn`` at ``p = 2``, with the same
         values up to rounding. Each axis is done in blocks of about
-        :data:`CHUNK_BYTES` (rows for z, planes for y and x): the only large
+        ``projector.CHUNK_BYTES`` (rows for z, planes for y and x): the only large
         array made is the z-transformed half (N planes).
         """
         n, p, c = self.n, self.padding, self.c
@@ -431,7 +420,7 @@ class BackProjector:
         rows_of = f3 if callable(f3) else (lambda ys: f3[:, ys, : c + 1])
         ny_all = self.shape[1]
         line = npad * (c + 1) * 16  # bytes of one row (or plane) of lines, complex128
-        step = max(1, CHUNK_BYTES // line)
+        step = max(1, _projector.CHUNK_BYTES // line)
         # z to FFT order, inverse, keep N planes (y stays in the layout's order)
         zt = np.empty((n, ny_all, c + 1), dtype=np.complex128)
         for y0 in range(0, ny_all, step):

@@ -55,6 +55,7 @@ __all__ = [
     "fft_order_index",
     "gridding_correction_1d",
     "padded_radius2",
+    "CHUNK_BYTES",
     "fft_order_slices",
     "slice_coordinates",
     "trilinear_corners",
@@ -63,8 +64,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: bytes of the blocks in which :class:`FourierProjector` transforms the map
-#: (small enough that the allocator reuses them instead of fresh pages)
+#: bytes of the blocks in which :class:`FourierProjector` transforms the map and
+#: :meth:`.backprojector.BackProjector.reconstruct` the accumulators back (small
+#: enough that the allocator reuses them instead of fresh pages)
 CHUNK_BYTES = 16 << 20
 
 
@@ -108,12 +110,15 @@ def axis_blocks(c: int, npad: int, *, drop_alias: bool) -> list[tuple[slice, sli
     return blocks
 
 
-def padded_radius2(c: int) -> np.ndarray:
+def padded_radius2(
+    c: int, zs: slice = slice(None), ys: slice = slice(None), nx: int | None = None
+) -> np.ndarray:
     """Squared padded radius of every element of the layout, int32, shape
-    ``(2 c + 2, 2 c + 2, c + 2)`` (the guard planes included)."""
+    ``(2 c + 2, 2 c + 2, c + 2)`` (the guard planes included); or of the block
+    of planes ``zs``, rows ``ys`` and first ``nx`` columns."""
     k2 = np.arange(-c, c + 2, dtype=np.int32) ** 2
     kx2 = np.arange(c + 2, dtype=np.int32) ** 2
-    return k2[:, None, None] + k2[None, :, None] + kx2[None, None, :]
+    return k2[zs, None, None] + k2[None, ys, None] + kx2[None, None, :nx]
 
 
 def slice_coordinates(
@@ -288,8 +293,6 @@ class FourierProjector:
         del fx
         # y: frequencies -c .. c; zero beyond r_max
         out = np.zeros((2 * c + 2, 2 * c + 2, c + 2), dtype=self.dtype)
-        k2 = np.arange(-c, c + 2, dtype=np.int32) ** 2
-        kx2 = np.arange(c + 2, dtype=np.int32) ** 2
         lim2 = (p * self.r_max_px) ** 2
         for z0 in range(0, 2 * c + 2, step):
             zs = slice(z0, min(z0 + step, 2 * c + 2))
@@ -299,8 +302,7 @@ class FourierProjector:
             work = scipy.fft.fft(work, axis=1, workers=-1, overwrite_x=True)
             for f, lay in blocks:
                 out[zs, lay, : c + 1] = work[:, f]
-            r2 = k2[zs, None, None] + k2[None, :, None] + kx2[None, None, :]
-            out[zs][r2 > lim2] = 0
+            out[zs][padded_radius2(c, zs) > lim2] = 0
         return out
 
     def sample(self, freqs: np.ndarray) -> np.ndarray:
